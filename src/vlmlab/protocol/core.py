@@ -1,0 +1,215 @@
+"""Engine-neutral core types: what every engine takes and what every generation gives back.
+
+A :class:`Chat` is a list of :class:`Message`; each message's content is an ordered list of
+:class:`TextPart` and :class:`ImagePart`, so several images can be interleaved with text. The
+server, the CLI and the eval runner all build these, and every engine consumes them, so usage
+counts, bench numbers and eval logs come from one record (:class:`GenerationResult`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from vlmlab.protocol.errors import BadRequestError
+
+Role = Literal["system", "user", "assistant"]
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """A decoded image and what is known about its source bytes.
+
+    Attributes:
+        image: the decoded RGB ``PIL.Image.Image`` (typed loosely so this module needs no PIL).
+        width, height: size of the decoded image after EXIF orientation was applied.
+        format: the container format PIL detected ("JPEG", "PNG", ...).
+        sha256: hex digest of the source bytes: the content address used by caches.
+        nbytes: size of the source bytes.
+        source: a short description of where it came from (URL, path, "data URL"), for messages.
+    """
+
+    image: Any
+    width: int
+    height: int
+    format: str
+    sha256: str
+    nbytes: int
+    source: str = ""
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.width, self.height)
+
+
+@dataclass(frozen=True)
+class TextPart:
+    text: str
+    type: Literal["text"] = "text"
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    """One image in a message: a reference to load (``ref``), a loaded image (``data``), or both.
+
+    ``ref`` is whatever the user sent (http(s) URL, data URL, file path); ``data`` is filled once
+    :func:`vlmlab.media.load_image` has run.
+    """
+
+    ref: str | None = None
+    data: ImageData | None = None
+    type: Literal["image"] = "image"
+
+    def __post_init__(self) -> None:
+        if self.ref is None and self.data is None:
+            raise BadRequestError("an image part needs a URL / path or loaded image data")
+
+
+Part = TextPart | ImagePart
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    content: tuple[Part, ...]
+
+    def __post_init__(self) -> None:
+        if self.role not in ("system", "user", "assistant"):
+            raise BadRequestError(
+                f"unknown message role {self.role!r}; use 'system', 'user' or 'assistant'",
+                param="messages",
+            )
+        if self.role != "user" and any(isinstance(p, ImagePart) for p in self.content):
+            raise BadRequestError(
+                f"images are only accepted in user messages, found one in a {self.role} message",
+                param="messages",
+            )
+
+    @classmethod
+    def of(cls, role: Role, *parts: str | Part) -> Message:
+        """Build a message from strings (text) and parts, in order."""
+        return cls(role, tuple(TextPart(p) if isinstance(p, str) else p for p in parts))
+
+    @property
+    def text(self) -> str:
+        """All text parts joined (images dropped)."""
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+    @property
+    def images(self) -> list[ImagePart]:
+        return [p for p in self.content if isinstance(p, ImagePart)]
+
+
+@dataclass(frozen=True)
+class Chat:
+    """A conversation; the last message is normally the user's turn to answer."""
+
+    messages: tuple[Message, ...]
+
+    def __post_init__(self) -> None:
+        if not self.messages:
+            raise BadRequestError("a chat needs at least one message", param="messages")
+
+    @classmethod
+    def single(cls, question: str, images: list[ImagePart] | None = None) -> Chat:
+        """One user turn: images first, then the question (the common VQA layout)."""
+        return cls((Message.of("user", *(images or []), question),))
+
+    @property
+    def images(self) -> list[ImagePart]:
+        """Every image of the chat, in order of appearance."""
+        return [img for m in self.messages for img in m.images]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. ``temperature == 0`` means greedy; ``top_k == 0`` disables top-k."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise BadRequestError(
+                f"max_tokens must be at least 1, got {self.max_tokens}", param="max_tokens"
+            )
+        if not (0.0 <= self.temperature <= 2.0) or math.isnan(self.temperature):
+            raise BadRequestError(
+                f"temperature must be between 0 and 2, got {self.temperature}", param="temperature"
+            )
+        if not (0.0 < self.top_p <= 1.0):
+            raise BadRequestError(f"top_p must be in (0, 1], got {self.top_p}", param="top_p")
+        if self.top_k < 0:
+            raise BadRequestError(
+                f"top_k must be 0 (disabled) or positive, got {self.top_k}", param="top_k"
+            )
+        if len(self.stop) > 16:
+            raise BadRequestError("at most 16 stop strings are allowed", param="stop")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def deterministic(self) -> bool:
+        """Same request, same answer: greedy, or sampled with a fixed seed."""
+        return self.greedy or self.seed is not None
+
+
+@dataclass
+class Timings:
+    """Where the time of one request went, in seconds (``None`` when not measured)."""
+
+    queue_s: float | None = None
+    preprocess_s: float | None = None
+    ttft_s: float | None = None  # request start -> first token (includes preprocess and prefill)
+    prefill_s: float | None = None
+    decode_s: float | None = None
+    total_s: float | None = None
+    load_s: float | None = None
+    peak_memory_bytes: int | None = None
+    preprocess_cache_hits: int = 0
+    response_cache_hit: bool = False
+    stages: dict[str, float] = field(default_factory=dict)  # fetch / decode / processor ...
+
+    def decode_tokens_per_s(self, completion_tokens: int) -> float | None:
+        """Decode speed over the tokens after the first (the first belongs to prefill)."""
+        if not self.decode_s or completion_tokens < 2:
+            return None
+        return (completion_tokens - 1) / self.decode_s
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """A piece of streamed output. The last chunk of a stream has ``finish_reason`` set."""
+
+    text: str
+    token_count: int = 0
+    finish_reason: FinishReason | None = None
+
+
+@dataclass
+class GenerationResult:
+    """Everything one generation produced: the single source for usage, bench and eval logs.
+
+    ``prompt_tokens`` includes ``image_tokens`` (every token the images expanded to).
+    """
+
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    image_tokens: int
+    completion_tokens: int
+    timings: Timings = field(default_factory=Timings)
+    model: str = ""
+    engine: str = ""
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
