@@ -20,8 +20,8 @@ T = TypeVar("T")
 
 
 def normalize_name(name: str) -> str:
-    """Lower-case and unify separators so ``Phi-3.5-Vision`` and ``phi_3_5_vision`` compare."""
-    return re.sub(r"[-. ]", "_", name.strip().lower())
+    """Lower-case and drop separators so ``Phi-3.5-Vision`` and ``phi3_5_vision`` compare."""
+    return re.sub(r"[-_. ]", "", name.strip().lower())
 
 
 class Registry(Generic[T]):
@@ -65,7 +65,8 @@ class Registry(Generic[T]):
         canonical = self._aliases.get(key)
         if canonical is None:
             valid = ", ".join(self.names())
-            close = difflib.get_close_matches(key, list(self._aliases), n=1)
+            close = [a for a in self._aliases if key and a.startswith(key)]
+            close = close or difflib.get_close_matches(key, list(self._aliases), n=1)
             hint = f" Did you mean {self._aliases[close[0]]!r}?" if close else ""
             raise NotFoundError(f"unknown {self.kind} {name!r}.{hint} Available: {valid}")
         return canonical

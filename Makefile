@@ -1,0 +1,29 @@
+# Two entry points for a fresh machine: `make run` (the main job) and `make test`.
+# Both create .venv, install the torch pin from requirements/torch.txt first (an unpinned torch
+# can pull a different multi-GB build; transformers' PixtralProcessor needs a torchvision that
+# imports beside it), then the package with its extras.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test install lint clean
+
+run: $(STAMP)
+	$(BIN)/vlmlab plan --model all --image 1920x1080
+
+test: $(STAMP)
+	$(BIN)/lint-imports
+	$(BIN)/pytest -q
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/torch.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements/torch.txt
+	$(BIN)/pip install -q -e ".[hf,server,test]"
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,5 @@
+"""``python -m vlmlab`` runs the CLI."""
+
+from vlmlab.cli import main
+
+main()

@@ -1,0 +1,182 @@
+"""The ``vlmlab`` command: a table of subcommands that parse flags and call library functions.
+
+Errors that a user can cause are :class:`VlmlabError`; :func:`main` prints their message (which
+names the bad value and the fix) and exits with status 2, never with a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vlmlab.protocol.errors import ConfigError, VlmlabError
+
+app = typer.Typer(
+    name="vlmlab",
+    help="Serve, evaluate, benchmark, compare and plan vision-language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Piped output (CI logs, `| less`) gets a wide table rather than rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+
+def parse_options(pairs: list[str] | None) -> dict[str, str]:
+    """``["num_crops=16", "max_pixels=1003520"]`` -> dict (values typed later by the family)."""
+    options: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--opt {pair!r} must look like NAME=VALUE, e.g. --opt num_crops=16")
+        options[key.strip()] = value.strip()
+    return options
+
+
+def image_sizes(images: list[str]) -> list[tuple[int, int]]:
+    """Each ``--image`` is ``WIDTHxHEIGHT`` or a file / URL whose header gives the size."""
+    from vlmlab.plan import parse_size
+
+    sizes = []
+    for ref in images:
+        looks_like_size = ref.replace(" ", "").lower().replace("×", "x").split("x")
+        if len(looks_like_size) == 2 and all(p.isdigit() for p in looks_like_size):
+            sizes.append(parse_size(ref))
+        else:
+            from vlmlab.media import MediaPolicy, probe_image
+
+            # Local files named on the command line are the user's own: allow any path.
+            info = probe_image(ref, policy=MediaPolicy(allowed_local_root=Path("/")))
+            sizes.append((info.width, info.height))
+    return sizes
+
+
+@app.command()
+def plan(
+    model: Annotated[
+        list[str], typer.Option("--model", "-m", help="Family, hub id, or 'all'. Repeatable.")
+    ],
+    image: Annotated[
+        list[str], typer.Option("--image", "-i", help="WIDTHxHEIGHT or an image file / URL.")
+    ],
+    opt: Annotated[
+        list[str] | None, typer.Option("--opt", help="Processor option NAME=VALUE.")
+    ] = None,
+    prompt_tokens: Annotated[int, typer.Option(help="Text tokens besides the images.")] = 64,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 256,
+    max_model_len: Annotated[int | None, typer.Option(help="Context length to plan for.")] = None,
+    gpu_mem: Annotated[str | None, typer.Option(help="GPU memory, e.g. 24GiB.")] = None,
+    dtype: Annotated[str, typer.Option(help="Weight dtype: bf16, fp16, fp32, fp8, int8, int4.")] = "bf16",
+    kv_dtype: Annotated[str, typer.Option(help="KV-cache dtype.")] = "bf16",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Image tokens, prompt size, KV-cache and weight memory per model, before loading any."""
+    from vlmlab.plan import PlanInput, format_bytes, parse_bytes
+    from vlmlab.plan import plan as make_plan
+
+    spec = PlanInput(
+        images=image_sizes(image),
+        options=parse_options(opt),
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        max_model_len=max_model_len,
+        gpu_mem=parse_bytes(gpu_mem) if gpu_mem else None,
+        dtype=dtype,
+        kv_dtype=kv_dtype,
+    )
+    rows = make_plan(model, spec)
+    if as_json:
+        payload: dict[str, Any] = {
+            "images": [list(s) for s in spec.images],
+            "options": spec.options,
+            "rows": [r.to_dict() for r in rows],
+        }
+        typer.echo(json.dumps(payload, indent=2))
+        return
+    sizes = ", ".join(f"{w}x{h}" for w, h in spec.images)
+    table = Table(title=f"vlmlab plan: {sizes}, {prompt_tokens} text + {max_tokens} new tokens")
+    for column in ("model", "image tokens (grid)", "prompt", "KV / request", "weights"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    table.add_column("context")
+    if spec.gpu_mem is not None:
+        table.add_column(f"fits {format_bytes(spec.gpu_mem)}")
+        table.add_column("concurrent", justify="right")
+    for row in rows:
+        name = f"{row.display_name}\n[dim]{row.checkpoint}[/dim]"
+        if row.error:
+            table.add_row(name, f"[red]{row.error}[/red]", "", "", format_bytes(row.weight_bytes))
+            continue
+        tokens = " + ".join(f"{t} ({g})" for t, g in zip(row.image_tokens, row.grids))
+        context = (
+            f"[green]ok[/green] / {row.max_model_len}"
+            if row.fits_context
+            else f"[red]over[/red] {row.request_tokens}/{row.max_model_len}"
+        )
+        cells = [
+            name,
+            tokens,
+            str(row.prompt_tokens),
+            format_bytes(row.kv_bytes_per_request),
+            format_bytes(row.weight_bytes),
+            context,
+        ]
+        if spec.gpu_mem is not None:
+            cells += ["[green]yes[/green]" if row.fits_gpu else "[red]no[/red]", str(row.concurrent_requests)]
+        table.add_row(*cells)
+    console.print(table)
+    notes = [f"{r.family}: {n}" for r in rows for n in r.notes]
+    for note in dict.fromkeys(notes):
+        console.print(f"[dim]note: {note}[/dim]")
+
+
+@app.command()
+def families(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the model families vlmlab knows, with options and checkpoints."""
+    from vlmlab.families import FAMILIES
+
+    rows = []
+    for name in FAMILIES:
+        fam = FAMILIES.get(name)
+        rows.append(
+            {
+                "name": fam.name,
+                "display_name": fam.display_name,
+                "options": fam.default_options,
+                "max_images": fam.max_images,
+                "checkpoints": [c.hub_id for c in fam.checkpoints],
+            }
+        )
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="model families")
+    for column in ("name", "model", "default options", "max images", "checkpoints"):
+        table.add_column(column)
+    for row in rows:
+        opts = ", ".join(f"{k}={v}" for k, v in row["options"].items()) or "-"
+        table.add_row(
+            row["name"], row["display_name"], opts, str(row["max_images"]), "\n".join(row["checkpoints"])
+        )
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app(args=argv)
+    except VlmlabError as exc:
+        err_console.print(f"[bold red]error:[/bold red] {exc.message}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+"""vlmlab nano: the embedded tiny VLM (synthetic tasks, builder, trainer, evaluator, checkpoint).
+
+Importing this package is cheap: torch and transformers are imported only by ``build``,
+``train`` and ``evaluate``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def checkpoint_path() -> Path:
+    """The packaged nano checkpoint directory (``vlmlab/nano/checkpoint``, shipped as package data).
+
+    Outputs: the path; it may lack weights in a source tree where no checkpoint was exported yet
+    (``(path / "config.json").exists()`` tells).
+    """
+    return Path(__file__).resolve().parent / "checkpoint"

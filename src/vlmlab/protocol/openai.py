@@ -1,0 +1,280 @@
+"""OpenAI chat-completions wire models (pydantic v2) and their mapping to the core types.
+
+Request models accept unknown fields (``extra="allow"``) and log them as ignored, as vLLM's
+``OpenAIBaseModel`` does, so clients that send newer or vendor fields keep working.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from vlmlab.protocol.core import (
+    Chat,
+    GenerationResult,
+    ImagePart,
+    Message,
+    SamplingParams,
+    TextPart,
+    Timings,
+)
+from vlmlab.protocol.errors import BadRequestError
+
+logger = logging.getLogger(__name__)
+
+
+class OpenAIModel(BaseModel):
+    """Base of request-side models: unknown fields are kept and logged as ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _log_extras(self) -> OpenAIModel:
+        if self.model_extra:
+            logger.info(
+                "%s: ignoring unknown fields %s", type(self).__name__, sorted(self.model_extra)
+            )
+        return self
+
+
+# -- request -------------------------------------------------------------------------------------
+
+
+class TextContent(OpenAIModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(OpenAIModel):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImageURLContent(OpenAIModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+    uuid: str | None = None
+
+
+ContentPart = Annotated[TextContent | ImageURLContent, Field(discriminator="type")]
+
+
+class ChatMessage(OpenAIModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(OpenAIModel):
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None
+
+
+class ChatCompletionRequest(OpenAIModel):
+    """``POST /v1/chat/completions`` body (OpenAI fields plus vLLM's common extras)."""
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int | None = Field(default=1, ge=1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+    ignore_eos: bool | None = False
+    user: str | None = None
+
+    def to_chat(self) -> Chat:
+        """The core chat: ``developer`` becomes ``system``; image URLs stay unloaded refs."""
+        messages = []
+        for index, message in enumerate(self.messages):
+            role = "system" if message.role == "developer" else message.role
+            if message.content is None or isinstance(message.content, str):
+                parts: tuple[TextPart | ImagePart, ...] = (TextPart(message.content or ""),)
+            else:
+                parts = tuple(
+                    TextPart(p.text) if isinstance(p, TextContent) else ImagePart(ref=p.image_url.url)
+                    for p in message.content
+                )
+            try:
+                messages.append(Message(role, parts))  # type: ignore[arg-type]
+            except BadRequestError as exc:
+                raise BadRequestError(f"messages[{index}]: {exc.message}", param="messages") from exc
+        return Chat(tuple(messages))
+
+    def to_sampling(self, *, default_max_tokens: int = 256) -> SamplingParams:
+        """Sampling parameters; ``max_completion_tokens`` wins over the legacy ``max_tokens``."""
+        if self.n not in (None, 1):
+            raise BadRequestError(f"n={self.n} is not supported; only n=1 is", param="n")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=0 if self.top_k in (None, -1) else self.top_k,
+            stop=stop,
+            seed=self.seed,
+        )
+
+
+# -- response ------------------------------------------------------------------------------------
+
+
+class PromptTokensDetails(BaseModel):
+    image_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+
+    @classmethod
+    def from_result(cls, result: GenerationResult) -> Usage:
+        return cls(
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            total_tokens=result.total_tokens,
+            prompt_tokens_details=PromptTokensDetails(image_tokens=result.image_tokens),
+        )
+
+
+class TimingsOut(BaseModel):
+    """vlmlab's per-response timings (milliseconds), where vLLM has none by default."""
+
+    queue_ms: float | None = None
+    preprocess_ms: float | None = None
+    ttft_ms: float | None = None
+    decode_tokens_per_s: float | None = None
+    total_ms: float | None = None
+    preprocess_cache_hits: int = 0
+    response_cache_hit: bool = False
+    stages_ms: dict[str, float] = Field(default_factory=dict)
+
+    @classmethod
+    def from_timings(cls, timings: Timings, completion_tokens: int) -> TimingsOut:
+        def ms(value: float | None) -> float | None:
+            return None if value is None else round(value * 1000.0, 3)
+
+        return cls(
+            queue_ms=ms(timings.queue_s),
+            preprocess_ms=ms(timings.preprocess_s),
+            ttft_ms=ms(timings.ttft_s),
+            decode_tokens_per_s=timings.decode_tokens_per_s(completion_tokens),
+            total_ms=ms(timings.total_s),
+            preprocess_cache_hits=timings.preprocess_cache_hits,
+            response_cache_hit=timings.response_cache_hit,
+            stages_ms={k: round(v * 1000.0, 3) for k, v in timings.stages.items()},
+        )
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+def new_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=new_completion_id)
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    timings: TimingsOut | None = None
+
+    @classmethod
+    def from_result(cls, result: GenerationResult, *, model: str) -> ChatCompletionResponse:
+        return cls(
+            model=model,
+            choices=[
+                Choice(
+                    message=AssistantMessage(content=result.text),
+                    finish_reason=result.finish_reason,
+                )
+            ],
+            usage=Usage.from_result(result),
+            timings=TimingsOut.from_timings(result.timings, result.completion_tokens),
+        )
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: DeltaMessage
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    timings: TimingsOut | None = None
+
+
+# -- models list ---------------------------------------------------------------------------------
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "vlmlab"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+    input_modalities: list[str] = Field(default_factory=lambda: ["text", "image"])
+    max_images: int | None = None
+    engine: str | None = None
+    family: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's nested error object."""
+
+    error: ErrorDetail
