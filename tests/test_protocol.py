@@ -136,9 +136,7 @@ def test_response_usage_includes_image_tokens_and_timings() -> None:
 def test_every_error_class_maps_to_an_openai_error_object() -> None:
     cases = {
         errors.BadRequestError("x"): (400, "BadRequestError"),
-        errors.ImageTooLargeError("x"): (400, "BadRequestError"),
         errors.ForbiddenMediaError("x"): (403, "PermissionDeniedError"),
-        errors.MediaTimeoutError("x"): (408, "RequestTimeoutError"),
         errors.AuthenticationError("x"): (401, "AuthenticationError"),
         errors.NotFoundError("x"): (404, "NotFoundError"),
         errors.OverloadedError("x", retry_after=2): (429, "RateLimitError"),
@@ -150,7 +148,18 @@ def test_every_error_class_maps_to_an_openai_error_object() -> None:
         body = exc.to_openai()
         ErrorResponse.model_validate(body)
         assert exc.status_code == status and body["error"]["type"] == kind
-        assert body["error"]["code"] == status
+        assert body["error"]["code"] == (exc.default_code or status)
+    media = {
+        errors.ImageTooLargeError("x"): "image_too_large",
+        errors.ImageDecodeError("x"): "image_decode_failed",
+        errors.MediaFetchError("x"): "image_fetch_failed",
+        errors.MediaTimeoutError("x"): "image_fetch_timeout",
+    }
+    for exc, code in media.items():  # the user's input: 400 with a string code, never a 5xx
+        assert exc.to_openai()["error"] | {"message": None} == {
+            "message": None, "type": "BadRequestError", "param": None, "code": code
+        }
+    assert errors.ForbiddenMediaError("x").to_openai()["error"]["code"] == "image_url_forbidden"
     ctx = errors.ContextLengthError("too long").to_openai()["error"]
     assert ctx == {
         "message": "too long",

@@ -28,6 +28,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -129,26 +130,37 @@ def parse_ipv4_literal(host: str) -> ipaddress.IPv4Address | None:
     return ipaddress.IPv4Address(value)
 
 
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[str, ipaddress.IPv4Address, bool] | None:
+    """The IPv4 address an IPv6 address carries: (form, address, is_pure_translation)."""
+    low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.ipv4_mapped is not None:
+        return ("IPv4-mapped IPv6", ip.ipv4_mapped, True)
+    if ip in _NAT64_WELL_KNOWN:
+        return ("NAT64", low32, True)
+    if ip.sixtofour is not None:
+        return ("6to4", ip.sixtofour, False)
+    if ip.teredo is not None:
+        return ("Teredo", ip.teredo[1], False)
+    if ip in _IPV4_COMPATIBLE and int(ip) > 1:
+        return ("IPv4-compatible IPv6", low32, False)
+    return None
+
+
 def forbidden_reason(ip: IPAddress) -> str | None:
     """Why ``ip`` must not be fetched from ("loopback", "cloud metadata", ...), or ``None``."""
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.scope_id:
             return "scoped (zone id) IPv6 address"
-        embedded: tuple[str, ipaddress.IPv4Address] | None = None
-        if ip.ipv4_mapped is not None:
-            embedded = ("IPv4-mapped IPv6", ip.ipv4_mapped)
-        elif ip.sixtofour is not None:
-            embedded = ("6to4", ip.sixtofour)
-        elif ip.teredo is not None:
-            embedded = ("Teredo", ip.teredo[1])
-        elif ip in _NAT64_WELL_KNOWN:
-            embedded = ("NAT64", ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-        elif ip in _IPV4_COMPATIBLE and int(ip) > 1:
-            embedded = ("IPv4-compatible IPv6", ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        embedded = _embedded_ipv4(ip)
         if embedded is not None:
-            reason = forbidden_reason(embedded[1])
+            form, v4, pure_translation = embedded
+            reason = forbidden_reason(v4)
             if reason is not None:
-                return f"{reason} address {embedded[1]} embedded in {embedded[0]}"
+                return f"{reason} address {v4} embedded in {form}"
+            # IPv4-mapped and well-known NAT64 packets end up at the embedded IPv4 address, so
+            # that address alone decides (the IPv6 prefix itself counts as "reserved").
+            if pure_translation:
+                return None
         if ip in _NAT64_LOCAL_USE:
             return "local-use NAT64"
     if ip in _METADATA_ADDRESSES:
@@ -190,7 +202,8 @@ class VettedTarget:
         return f"{self.scheme}://{host}:{self.port}{self.path_query}"
 
 
-def _domain_allowed(host: str, allowed: frozenset[str]) -> bool:
+def domain_allowed(host: str, allowed: frozenset[str]) -> bool:
+    """Whether ``host`` equals one of ``allowed`` or is a subdomain of one (not a suffix match)."""
     return any(host == d or host.endswith("." + d) for d in allowed)
 
 
@@ -275,7 +288,7 @@ def vet_url(url: str, policy: MediaPolicy, deadline: float) -> VettedTarget:
         elif not _HOSTNAME_RE.match(host):
             raise MediaFetchError(f"host {raw_host!r} of {shown!r} is not a valid name")
 
-    if policy.allowed_domains is not None and not _domain_allowed(host, policy.allowed_domains):
+    if policy.allowed_domains is not None and not domain_allowed(host, policy.allowed_domains):
         allowed = ", ".join(sorted(policy.allowed_domains)) or "(none)"
         raise ForbiddenMediaError(
             f"host {host!r} of {shown!r} is not in the allowed domains: {allowed}"
@@ -316,6 +329,15 @@ def _remaining(deadline: float, url: str, policy: MediaPolicy) -> float:
     return left
 
 
+def _caused_by_tls(error: BaseException) -> bool:
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _send(
     client: httpx.Client, target: VettedTarget, policy: MediaPolicy, deadline: float
 ) -> httpx.Response:
@@ -336,8 +358,10 @@ def _send(
         )
         try:
             return client.send(request, stream=True)
-        except httpx.ConnectError as e:  # try the next address; the request was never sent
-            last_error = e
+        except httpx.ConnectError as e:
+            if _caused_by_tls(e):
+                raise  # a certificate problem is the same on every address of the host
+            last_error = e  # try the next address; the request was never sent
     assert last_error is not None
     raise last_error
 
@@ -384,8 +408,15 @@ def fetch_url(url: str, policy: MediaPolicy) -> FetchedBytes:
         with httpx.Client(
             trust_env=False, follow_redirects=False, headers=headers, verify=True
         ) as client:
-            for _hop in range(policy.max_redirects + 1):
-                target = vet_url(current, policy, deadline)
+            for hop in range(policy.max_redirects + 1):
+                try:
+                    target = vet_url(current, policy, deadline)
+                except ForbiddenMediaError as e:
+                    if hop == 0:
+                        raise
+                    raise ForbiddenMediaError(
+                        f"redirect from {short_ref(url)} refused: {e.message}"
+                    ) from e
                 response = _send(client, target, policy, deadline)
                 try:
                     location = response.headers.get("location")

@@ -37,11 +37,7 @@ _FAMILY_MODULES = (
 
 FAMILIES: Registry[Family] = Registry("model family")
 
-import importlib.util  # noqa: E402  DEV-ONLY: remove once every family module exists
-
 for _module in _FAMILY_MODULES:
-    if importlib.util.find_spec(f"vlmlab.families.{_module}") is None:  # DEV-ONLY
-        continue
     _family: Family = importlib.import_module(f"vlmlab.families.{_module}").FAMILY
     FAMILIES.register(_family.name, _family, aliases=_family.all_aliases())
 

@@ -98,9 +98,9 @@ def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int = 18) -> 
     return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in rgb)
 
 
-def _size(rng: random.Random, lo: int = 64, hi: int = 192) -> tuple[int, int]:
+def _size(rng: random.Random, lo: int = 48, hi: int = 128) -> tuple[int, int]:
     """A random canvas size with aspect ratios from about 1:3 to 3:1."""
-    long = rng.randint(max(lo, 96), hi)
+    long = rng.randint(max(lo, 64), hi)
     short = rng.randint(lo, long)
     return (long, short) if rng.random() < 0.5 else (short, long)
 
@@ -167,11 +167,11 @@ Q_COUNT = ("How many {plural} are there?", "How many {plural} are in the image?"
 
 def _single_shape(rng: random.Random) -> tuple[Image.Image, dict[str, Any]]:
     """One shape placed clearly on one side of the canvas (the side along the long axis)."""
-    w, h = _size(rng, 64, 192)
+    w, h = _size(rng, 48, 144)
     img, draw = _canvas(rng, w, h)
     color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
     axis = "h" if w > h or (w == h and rng.random() < 0.5) else "v"
-    s = rng.randint(max(20, min(w, h) // 4), max(22, min(w, h) * 2 // 3))
+    s = rng.randint(max(16, min(w, h) // 4), max(18, min(w, h) * 2 // 3))
     s = min(s, min(w, h) - 6, (w if axis == "h" else h) // 2 - 6)
     side = rng.choice(("left", "right") if axis == "h" else ("top", "bottom"))
     # the shape lies entirely in its half, with a margin from the centre line
@@ -207,12 +207,12 @@ def _task_single(task: str) -> Callable[[random.Random], tuple[list[Image.Image]
 
 def _count_image(rng: random.Random, n: int, shape: str) -> tuple[Image.Image, dict[str, Any]]:
     for _ in range(50):
-        w, h = _size(rng, 96, 192)
-        s = rng.randint(18, 30)
+        w, h = _size(rng, 80, 144)
+        s = rng.randint(14, 24)
         boxes = _place(rng, w, h, [s] * n)
         if boxes is not None:
             break
-    else:  # pragma: no cover - a 192x192 canvas always fits six 18 px shapes
+    else:  # pragma: no cover - 50 canvases of >= 80 px: one fits six 24 px shapes
         raise RuntimeError("could not place shapes")
     img, draw = _canvas(rng, w, h)
     colors = [rng.choice(list(COLORS)) for _ in range(n)]
@@ -229,7 +229,7 @@ def _task_count(rng: random.Random):
 
 
 def _task_ocr(rng: random.Random):
-    w, h = _size(rng, 64, 192)
+    w, h = _size(rng, 48, 144)
     img, draw = _canvas(rng, w, h)
     if rng.random() < 0.8:
         text = str(rng.randint(0, 10 ** rng.randint(1, 4) - 1))
@@ -241,7 +241,7 @@ def _task_ocr(rng: random.Random):
     # dark inks only: yellow / orange text on a near-white page is hard to read even for people
     ink = _jitter(rng.choice([(20, 20, 20), COLORS["red"], COLORS["blue"], COLORS["purple"],
                               COLORS["green"]]), rng, 10)  # fmt: skip
-    size = rng.randint(22, 44)
+    size = rng.randint(18, 36)
     while size > 14:
         l, t, r, b = draw.textbbox((0, 0), text, font=_font(size))
         if r - l <= w - 8 and b - t <= h - 8:
@@ -258,23 +258,25 @@ def _chart(rng: random.Random) -> tuple[Image.Image, dict[str, Any]]:
     k = rng.randint(3, 5)
     labels = list(CHART_LABELS[:k])
     values = rng.sample(range(1, 10), k)  # distinct, so highest / lowest are unique
-    w = rng.randint(max(112, 32 * k), 192)
-    h = rng.randint(112, 192)
+    w = rng.randint(max(96, 30 * k), 160)
+    h = rng.randint(96, 144)
     img, draw = _canvas(rng, w, h)
-    font = _font(14)
-    base, top = h - 20, 22  # room for labels below and value text above
+    font = _font(13)
+    base, top = h - 17, 19  # room for labels below and value text above
     slot = (w - 8) // k
     bar_w = max(10, slot * 2 // 3)
     fill = _jitter(rng.choice(list(COLORS.values())), rng)
     draw.line((2, base, w - 2, base), fill=(60, 60, 60))
+    bars = []
     for j, (lab, v) in enumerate(zip(labels, values)):
         x0 = 4 + j * slot + (slot - bar_w) // 2
         y0 = base - round((base - top) * v / 9)
         draw.rectangle((x0, y0, x0 + bar_w, base), fill=fill)
+        bars.append((x0, y0, x0 + bar_w, base))
         cx = x0 + bar_w // 2
         draw.text((cx, y0 - 2), str(v), fill=(20, 20, 20), font=font, anchor="ms")
         draw.text((cx, base + 3), lab, fill=(20, 20, 20), font=font, anchor="mt")
-    return img, {"labels": labels, "values": values}
+    return img, {"labels": labels, "values": values, "bars": bars}
 
 
 def _task_chart(kind: str):
@@ -304,11 +306,11 @@ def _task_chart(kind: str):
 def _task_document(rng: random.Random):
     keys = rng.sample(DOC_KEYS, rng.randint(2, 4))
     fields = {k: str(rng.randint(1, 99)) for k in keys}
-    size = rng.randint(13, 17)
+    size = rng.randint(12, 15)
     font = _font(size)
     line_h = size + rng.randint(4, 8)
-    w = rng.randint(110, 192)
-    h = min(192, 10 + line_h * (len(keys) + 1) + rng.randint(0, 40))
+    w = rng.randint(100, 160)
+    h = min(160, 10 + line_h * (len(keys) + 1) + rng.randint(0, 40))
     img, draw = _canvas(rng, w, h)
     title = rng.choice(("RECEIPT", "FORM", "ORDER", "INVOICE"))
     x, y = rng.randint(3, 12), rng.randint(3, max(3, h - line_h * (len(keys) + 1) - 4))

@@ -22,12 +22,13 @@ class VlmlabError(Exception):
 
     status_code: ClassVar[int] = 500
     error_type: ClassVar[str] = "InternalServerError"
+    default_code: ClassVar[str | None] = None  # OpenAI-style string code, e.g. "image_too_large"
 
     def __init__(self, message: str, *, param: str | None = None, code: str | int | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
-        self.code = code
+        self.code = code if code is not None else self.default_code
 
     def to_openai(self) -> dict[str, Any]:
         """OpenAI's nested error object: ``{"error": {"message", "type", "param", "code"}}``."""
@@ -59,31 +60,40 @@ class UnknownOptionError(ConfigError):
 class ContextLengthError(BadRequestError):
     """Prompt plus requested completion exceed the model's context."""
 
+    default_code = "context_length_exceeded"
+
     def __init__(self, message: str, *, param: str | None = "messages"):
-        super().__init__(message, param=param, code="context_length_exceeded")
+        super().__init__(message, param=param)
 
 
 class MediaError(BadRequestError):
-    """An image could not be loaded or decoded."""
+    """An image could not be loaded or decoded: the user's input, so a 400, never a 500."""
+
+    default_code = "invalid_image"
 
 
 class ImageDecodeError(MediaError):
     """The bytes are not a decodable raster image (truncated, empty, SVG, text, ...)."""
 
+    default_code = "image_decode_failed"
+
 
 class ImageTooLargeError(MediaError):
     """Bytes or pixels exceed a configured limit."""
+
+    default_code = "image_too_large"
 
 
 class MediaFetchError(MediaError):
     """A URL could not be fetched (unreachable, HTTP error status, not an image)."""
 
+    default_code = "image_fetch_failed"
+
 
 class MediaTimeoutError(MediaFetchError):
-    """Fetching an image took longer than the allowed time."""
+    """Fetching an image took longer than the allowed time (the URL's fault, so still a 400)."""
 
-    status_code = 408
-    error_type = "RequestTimeoutError"
+    default_code = "image_fetch_timeout"
 
 
 class ForbiddenMediaError(MediaError):
@@ -91,6 +101,7 @@ class ForbiddenMediaError(MediaError):
 
     status_code = 403
     error_type = "PermissionDeniedError"
+    default_code = "image_url_forbidden"
 
 
 class AuthenticationError(VlmlabError):

@@ -1,0 +1,39 @@
+"""Backends behind one small interface (:mod:`vlmlab.engines.base`), looked up by name.
+
+Targets are lazy ``"module:Class"`` strings so that listing engines imports neither torch nor
+vLLM; each backend imports its heavy library only when it loads.
+"""
+
+from __future__ import annotations
+
+from vlmlab.config import EngineSpec
+from vlmlab.engines.base import (
+    Capabilities,
+    Engine,
+    EngineInfo,
+    GenerationRequest,
+    PromptCount,
+    complete,
+)
+from vlmlab.registry import Registry
+
+ENGINES: Registry[type[Engine]] = Registry("engine")
+ENGINES.register("hf", "vlmlab.engines.hf:HFEngine", aliases=("transformers",))
+
+
+def load_engine(spec: EngineSpec) -> Engine:
+    """Load ``spec.model`` with the backend named by ``spec.engine``."""
+    return ENGINES.get(spec.engine).load(spec)
+
+
+__all__ = [
+    "ENGINES",
+    "Capabilities",
+    "Engine",
+    "EngineInfo",
+    "EngineSpec",
+    "GenerationRequest",
+    "PromptCount",
+    "complete",
+    "load_engine",
+]

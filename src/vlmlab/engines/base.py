@@ -1,0 +1,117 @@
+"""The engine contract: the small interface every backend (hf, vllm, mlx, remote) implements.
+
+An engine is created with :meth:`Engine.load`, answers :meth:`Engine.generate` as an async stream
+of :class:`GenerationChunk` ending in exactly one :class:`GenerationResult`, counts prompt tokens
+without generating (:meth:`Engine.count_prompt_tokens`), describes itself (:meth:`Engine.info`),
+and releases its resources in :meth:`Engine.close`. Images arrive already loaded
+(``ImagePart.data`` set): fetching and decoding belong to the caller's worker pool.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from vlmlab.config import EngineSpec
+from vlmlab.protocol.core import Chat, GenerationChunk, GenerationResult, SamplingParams
+from vlmlab.protocol.errors import BadRequestError
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do, so callers route and validate before sending work."""
+
+    streaming: bool = True
+    batching: bool = False
+    images: bool = True
+    max_images: int = 1
+    cancellation: bool = True
+    exact_token_counts: bool = True  # count_prompt_tokens equals what generate will use
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    engine: str
+    model: str
+    family: str | None
+    max_model_len: int
+    max_images: int
+    device: str = "cpu"
+    dtype: str = "fp32"
+    load_s: float = 0.0
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PromptCount:
+    """Tokens of a prompt: ``prompt_tokens`` includes ``image_tokens``."""
+
+    prompt_tokens: int
+    image_tokens: int
+    per_image: tuple[int, ...] = ()
+
+
+@dataclass
+class GenerationRequest:
+    """One generation: the chat (images loaded), sampling, processor options, an id."""
+
+    chat: Chat
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    processor_options: Mapping[str, Any] = field(default_factory=dict)
+    request_id: str = ""
+
+    def __post_init__(self) -> None:
+        for index, image in enumerate(self.chat.images):
+            if image.data is None:
+                raise BadRequestError(
+                    f"image {index} ({image.ref!r:.80}) was not loaded; call vlmlab.media.load_image first"
+                )
+
+
+class Engine(abc.ABC):
+    """Base class of every backend. Subclasses set ``name`` and ``capabilities``."""
+
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    @classmethod
+    @abc.abstractmethod
+    def load(cls, spec: EngineSpec) -> Engine:
+        """Load the model described by ``spec`` (blocking; may take minutes for large models).
+
+        Raises:
+            EngineUnavailableError: the backend cannot run here (missing extra or hardware).
+            NotFoundError / ConfigError: the model cannot be found or the settings are invalid.
+        """
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk | GenerationResult]:
+        """Stream the answer: text chunks as they are produced, then exactly one result.
+
+        Cancelling the consuming task (client disconnect) must stop the generation and free
+        its slot. Raises BadRequestError (e.g. context too long) before any chunk is yielded.
+        """
+
+    @abc.abstractmethod
+    def count_prompt_tokens(self, chat: Chat, processor_options: Mapping[str, Any] | None = None) -> PromptCount:
+        """Prompt tokens of ``chat`` (images loaded) as :meth:`generate` would build them."""
+
+    @abc.abstractmethod
+    def info(self) -> EngineInfo:
+        """What is loaded and how (for ``/v1/models``, ``/stats`` and result metadata)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the model and any worker threads. Idempotent."""
+
+
+async def complete(engine: Engine, request: GenerationRequest) -> GenerationResult:
+    """Run a generation to the end and return its result (for non-streaming callers)."""
+    result: GenerationResult | None = None
+    async for item in engine.generate(request):
+        if isinstance(item, GenerationResult):
+            result = item
+    if result is None:  # pragma: no cover - a broken engine
+        raise RuntimeError(f"engine {engine.name!r} ended a generation without a result")
+    return result

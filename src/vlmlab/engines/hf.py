@@ -1,0 +1,377 @@
+"""The transformers engine: any HF VLM checkpoint (and remote-code models behind a flag).
+
+The model's own processor and chat template build the prompt; :mod:`vlmlab.engines.hf_batching`
+decodes concurrent requests together. Image tokens come from the family rule and are checked
+against the processor's real expansion for each request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import resource
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from vlmlab.config import EngineSpec
+from vlmlab.engines.base import Capabilities, Engine, EngineInfo, GenerationRequest, PromptCount
+from vlmlab.families import Family, get_family
+from vlmlab.protocol.core import Chat, GenerationChunk, GenerationResult, ImagePart, Timings
+from vlmlab.protocol.errors import (
+    BadRequestError,
+    ConfigError,
+    ContextLengthError,
+    EngineError,
+    NotFoundError,
+    VlmlabError,
+)
+
+logger = logging.getLogger(__name__)
+
+HUB_HELP = (
+    "set HF_HOME or HF_HUB_CACHE to a cache that holds it, or unset HF_HUB_OFFLINE / "
+    "TRANSFORMERS_OFFLINE if this machine may download it"
+)
+
+
+def resolve_model(model: str) -> tuple[str, str | None]:
+    """``(path or hub id, family hint)`` for ``nano``, a family preset, a local path or a hub id."""
+    from vlmlab.families import FAMILIES
+
+    if model.lower() in ("nano", "vlmlab/nano", "vlmlab-nano"):
+        from vlmlab.nano import checkpoint_path
+
+        path = checkpoint_path()
+        if not (path / "config.json").exists():
+            raise NotFoundError(
+                f"the packaged nano checkpoint is missing at {path}; reinstall vlmlab or run "
+                "`vlmlab nano train --export` to build one"
+            )
+        return str(path), "nano"
+    if Path(model).expanduser().exists():
+        return str(Path(model).expanduser().resolve()), None
+    if "/" not in model and model in FAMILIES:
+        family = FAMILIES.get(model)
+        hf = [c.hub_id for c in family.checkpoints if c.options.get("variant") == "hf"]
+        return (hf or [family.checkpoint().hub_id])[0], family.name
+    if model.startswith((".", "/", "~")):
+        raise NotFoundError(f"model path {model!r} does not exist")
+    return model, None
+
+
+def detect_family(config: Any, path: str, hint: str | None) -> Family | None:
+    """The family of a loaded config: the hint, vlmlab's own marker, or the ``model_type``."""
+    if hint:
+        return get_family(hint)
+    marker = getattr(config, "vlmlab_family", None)
+    if marker:
+        return get_family(marker)
+    model_type = getattr(config, "model_type", "")
+    vision = getattr(getattr(config, "vision_config", None), "model_type", "")
+    if model_type == "llava" and vision == "pixtral":
+        return get_family("mistral-community/pixtral-12b")
+    try:
+        return get_family(model_type)
+    except VlmlabError:
+        logger.warning("no vlmlab family for model_type %r (%s): image tokens are counted by the processor only", model_type, path)
+        return None
+
+
+def peak_memory_bytes(device: str) -> int:
+    import torch
+
+    if device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated())
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
+
+
+def to_hf_messages(chat: Chat) -> list[dict[str, Any]]:
+    """Core chat -> the list-of-parts messages that processors' chat templates accept."""
+    out = []
+    for message in chat.messages:
+        parts = [
+            {"type": "image"} if isinstance(p, ImagePart) else {"type": "text", "text": p.text}
+            for p in message.content
+        ]
+        out.append({"role": message.role, "content": parts})
+    return out
+
+
+class HFEngine(Engine):
+    """transformers backend with request batching. Create with :meth:`load`."""
+
+    name = "hf"
+    capabilities = Capabilities(streaming=True, batching=True, max_images=8)
+
+    def __init__(self, spec: EngineSpec, model: Any, processor: Any, family: Family | None, model_id: str, device: str, dtype: str, load_s: float):
+        from vlmlab.engines.hf_batching import Batcher
+
+        self.spec = spec
+        self.model = model
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.family = family
+        self.model_id = model_id
+        self.device = device
+        self.dtype = dtype
+        self.load_s = load_s
+        self.max_model_len = spec.max_model_len or self._model_max_len()
+        self.max_images = family.max_images if family else 8
+        self.tokenizer.padding_side = "left"
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.tokenizer.eos_token_id or 0)
+        self.eos_ids = self._eos_ids()
+        self.expansion_mismatches = 0
+        self.batcher = Batcher(self._run_batch, spec.max_batch_size)
+
+    # -- loading -------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, spec: EngineSpec) -> HFEngine:
+        import torch
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+        start = time.perf_counter()
+        source, hint = resolve_model(spec.model)
+        kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code, "revision": spec.revision}
+        try:
+            config = AutoConfig.from_pretrained(source, **kwargs)
+        except OSError as exc:
+            if Path(source).exists():
+                raise NotFoundError(f"{source} has no readable config.json: {exc}") from exc
+            raise NotFoundError(f"cannot load model {spec.model!r} from the Hugging Face hub cache ({exc.__class__.__name__}); {HUB_HELP}") from exc
+        except ValueError as exc:
+            if "trust_remote_code" in str(exc) and not spec.trust_remote_code:
+                raise ConfigError(f"{spec.model} ships its own model code: pass --trust-remote-code if you trust it") from exc
+            raise ConfigError(f"unsupported model {spec.model!r}: {exc}") from exc
+        family = detect_family(config, source, hint)
+        device = cls._pick_device(spec.device)
+        dtype = {"auto": "bf16" if device.startswith("cuda") else "fp32"}.get(spec.dtype, spec.dtype)
+        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+        try:
+            processor = AutoProcessor.from_pretrained(source, **kwargs)
+            try:
+                model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype, **kwargs)
+            except ValueError as exc:
+                if not spec.trust_remote_code:
+                    raise ConfigError(f"unsupported architecture for {spec.model!r} ({config.__class__.__name__}): {exc}") from exc
+                from transformers import AutoModelForCausalLM  # remote-code VLMs (Phi-3.5-vision)
+
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        except (OSError, ImportError) as exc:
+            raise EngineError(f"failed to load {spec.model!r}: {exc}") from exc
+        if not getattr(processor, "chat_template", None) and not getattr(getattr(processor, "tokenizer", None), "chat_template", None):
+            raise ConfigError(f"{spec.model!r} has no chat template; add chat_template.jinja to the checkpoint")
+        model.to(device).eval()
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        return cls(spec, model, processor, family, spec.model, device, dtype, time.perf_counter() - start)
+
+    @staticmethod
+    def _pick_device(device: str) -> str:
+        import torch
+
+        if device == "auto":
+            if torch.cuda.is_available():
+                return "cuda"
+            if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+                return "mps"
+            return "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+        return device
+
+    def _model_max_len(self) -> int:
+        config = getattr(self.model.config, "text_config", self.model.config)
+        return int(getattr(config, "max_position_embeddings", 0) or 4096)
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (self.model.generation_config, self.model.config, self.tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            if isinstance(value, int):
+                ids.add(value)
+            elif value:
+                ids.update(value)
+        return ids
+
+    # -- prompts -------------------------------------------------------------------------------
+
+    def render(self, chat: Chat) -> str:
+        messages = to_hf_messages(chat)
+        template_owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
+        return template_owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def _check_images(self, chat: Chat) -> None:
+        if len(chat.images) > self.max_images:
+            raise BadRequestError(
+                f"At most {self.max_images} image(s) may be provided in one request, got {len(chat.images)}",
+                param="messages",
+            )
+
+    def count_prompt_tokens(self, chat: Chat, processor_options: Mapping[str, Any] | None = None) -> PromptCount:
+        """Text tokens of the rendered prompt plus each image's expansion by the family rule."""
+        self._check_images(chat)
+        prompt = self.render(chat)
+        text_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        images = [img.data for img in chat.images]  # type: ignore[union-attr]
+        if self.family is None:
+            return self._count_with_processor(prompt, images)
+        per_image = self.family.prompt_image_tokens([(d.width, d.height) for d in images], **dict(processor_options or {}))
+        placeholder = len(self.tokenizer(self.family.image_placeholder, add_special_tokens=False)["input_ids"])
+        total = len(text_ids) - placeholder * len(images) + sum(per_image)
+        return PromptCount(total, sum(per_image), tuple(per_image))
+
+    def _count_with_processor(self, prompt: str, images: list[Any]) -> PromptCount:
+        inputs = self._process(prompt, images, {})
+        total = int(inputs["input_ids"].shape[1])
+        text = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        return PromptCount(total, max(0, total - text))
+
+    def _process(self, prompt: str, images: list[Any], options: Mapping[str, Any]) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"text": [prompt], "return_tensors": "pt", "add_special_tokens": False}
+        if images:
+            kwargs["images"] = [d.image for d in images]
+        kwargs.update({**self.spec.processor_options, **options})
+        try:
+            return dict(self.processor(**kwargs))
+        except TypeError as exc:
+            raise BadRequestError(f"the processor rejected the options {dict(options)}: {exc}", param="mm_processor_kwargs") from exc
+
+    # -- generation ----------------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk | GenerationResult]:
+        from vlmlab.engines.hf_batching import Job
+
+        start = time.perf_counter()
+        chat, sampling = request.chat, request.sampling
+        count = self.count_prompt_tokens(chat, request.processor_options)
+        if count.prompt_tokens + sampling.max_tokens > self.max_model_len:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {count.prompt_tokens + sampling.max_tokens} tokens ({count.prompt_tokens} in "
+                f"the messages, {sampling.max_tokens} in the completion). Please reduce the length of "
+                "the messages, the images or the completion."
+            )
+        loop = asyncio.get_running_loop()
+        images = [img.data for img in chat.images]
+        prompt = self.render(chat)
+        prep_start = time.perf_counter()
+        inputs = await loop.run_in_executor(None, self._process, prompt, images, request.processor_options)
+        preprocess_s = time.perf_counter() - prep_start
+        image_tokens = self._checked_image_tokens(inputs, prompt, len(images), count)
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        job = Job(inputs=inputs, prompt_tokens=prompt_tokens, sampling=sampling, loop=loop, queue=asyncio.Queue())
+        if sampling.seed is not None and not sampling.greedy:
+            import torch
+
+            job.generator = torch.Generator().manual_seed(sampling.seed)
+        self.batcher.submit(job)
+        try:
+            while True:
+                item = await job.queue.get()
+                if isinstance(item, GenerationChunk):
+                    yield item
+                    continue
+                kind, value = item
+                if kind == "error":
+                    raise EngineError(f"generation failed: {value}") from value
+                break
+        except (asyncio.CancelledError, GeneratorExit):
+            job.cancelled = True
+            raise
+        end = time.perf_counter()
+        first = job.first_token or end
+        timings = Timings(
+            queue_s=(job.started or end) - job.submitted,
+            preprocess_s=preprocess_s,
+            ttft_s=first - start,
+            prefill_s=first - (job.started or first),
+            decode_s=(job.last_token or first) - first,
+            total_s=end - start,
+            load_s=self.load_s,
+            peak_memory_bytes=peak_memory_bytes(self.device),
+        )
+        yield GenerationResult(
+            text=job.text,
+            finish_reason=job.finish_reason or "stop",
+            prompt_tokens=prompt_tokens,
+            image_tokens=image_tokens,
+            completion_tokens=len(job.token_ids),
+            timings=timings,
+            model=self.model_id,
+            engine=self.name,
+        )
+
+    def _checked_image_tokens(self, inputs: Mapping[str, Any], prompt: str, n_images: int, count: PromptCount) -> int:
+        """The processor's real expansion; warn when the family rule disagrees."""
+        if not n_images:
+            return 0
+        expanded = int(inputs["input_ids"].shape[1])
+        if self.family is None:
+            return count.image_tokens
+        text = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        placeholder = len(self.tokenizer(self.family.image_placeholder, add_special_tokens=False)["input_ids"])
+        actual = expanded - text + placeholder * n_images
+        if actual != count.image_tokens:
+            self.expansion_mismatches += 1
+            logger.warning(
+                "%s: the processor expanded %d image(s) to %d tokens, the %s rule says %d",
+                self.model_id, n_images, actual, self.family.name, count.image_tokens,
+            )
+        return actual
+
+    def _run_batch(self, jobs: list[Any]) -> None:
+        import torch
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        from vlmlab.engines.hf_batching import RowSampler, RowTracker, left_pad_collate
+
+        now = time.perf_counter()
+        for job in jobs:
+            job.started = now
+        batch = left_pad_collate(jobs, self.pad_id)
+        batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        if "pixel_values" in batch and batch["pixel_values"].is_floating_point():
+            batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
+        longest = max(j.sampling.max_tokens for j in jobs)
+        room = self.max_model_len - batch["input_ids"].shape[1]
+        tracker = RowTracker(jobs, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), self.eos_ids)
+        with torch.inference_mode():
+            self.model.generate(
+                **batch,
+                max_new_tokens=max(1, min(longest, room)),
+                do_sample=False,
+                logits_processor=LogitsProcessorList([RowSampler(jobs)]),
+                stopping_criteria=StoppingCriteriaList([tracker]),
+                pad_token_id=self.pad_id,
+            )
+        for job in jobs:
+            if job.finish_reason is None:  # ran out of context room before max_tokens
+                job.finish_reason = "length"
+            RowTracker._stream(job)
+            job.emit(("done", job.finish_reason))
+
+    # -- info ----------------------------------------------------------------------------------
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            engine=self.name,
+            model=self.model_id,
+            family=self.family.name if self.family else None,
+            max_model_len=self.max_model_len,
+            max_images=self.max_images,
+            device=self.device,
+            dtype=self.dtype,
+            load_s=self.load_s,
+            details={"running": self.batcher.running, "waiting": self.batcher.waiting, "max_batch_size": self.spec.max_batch_size},
+        )
+
+    def healthy(self) -> bool:
+        return self.batcher.alive()
+
+    def close(self) -> None:
+        self.batcher.close()

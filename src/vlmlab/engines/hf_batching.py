@@ -1,0 +1,242 @@
+"""Batched decoding for the transformers engine.
+
+Concurrent requests are collected by one worker thread, left-padded into a batch and decoded
+together by ``model.generate``. Everything per request rides on two hooks that transformers calls
+every step: :class:`RowSampler` (a logits processor) samples each row with its own temperature /
+top-k / top-p and seeded generator, then leaves only that token so greedy selection picks it
+(so a seeded request gives the same answer at any batch size, and greedy rows are untouched);
+:class:`RowTracker` (a stopping criterion) records each row's new token, detokenizes, applies
+stop strings, max_tokens, EOS and cancellation, and streams text back to the request's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import LogitsProcessor, StoppingCriteria
+
+from vlmlab.protocol.core import FinishReason, GenerationChunk, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)  # identity semantics: jobs are compared with `is`, never by their tensors
+class Job:
+    """One request inside the batcher; fields below ``inputs`` are written by the worker."""
+
+    inputs: dict[str, Any]  # processor output for this request alone (batch dimension 1)
+    prompt_tokens: int
+    sampling: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue  # GenerationChunk items, then a final ("done", reason) / ("error", exc)
+    submitted: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    started: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0  # characters already streamed
+    finish_reason: FinishReason | None = None
+    generator: torch.Generator | None = None
+
+    def emit(self, item: Any) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+def left_pad_collate(jobs: Sequence[Job], pad_id: int) -> dict[str, Any]:
+    """Merge per-request processor outputs into one batch.
+
+    ``input_ids`` / ``attention_mask`` are left-padded. Every other tensor is zero-padded on each
+    non-batch dimension to the largest in the batch and concatenated on dimension 0: that covers
+    Pixtral's per-image pixel canvases (the model crops by ``image_sizes``), LLaVA-NeXT's patch
+    lists, Idefics' image slots (all-zero images are skipped by the model) and Qwen's flat patch
+    rows. Non-tensor values must agree across the batch.
+    """
+    width = max(j.inputs["input_ids"].shape[1] for j in jobs)
+    ids, masks = [], []
+    for job in jobs:
+        row = job.inputs["input_ids"]
+        pad = width - row.shape[1]
+        ids.append(torch.nn.functional.pad(row, (pad, 0), value=pad_id))
+        mask = job.inputs.get("attention_mask", torch.ones_like(row))
+        masks.append(torch.nn.functional.pad(mask, (pad, 0), value=0))
+    batch: dict[str, Any] = {"input_ids": torch.cat(ids), "attention_mask": torch.cat(masks)}
+    keys = {k for j in jobs for k in j.inputs} - {"input_ids", "attention_mask"}
+    for key in sorted(keys):
+        values = [j.inputs[key] for j in jobs if j.inputs.get(key) is not None]
+        if not values:
+            continue
+        if not isinstance(values[0], torch.Tensor):
+            if any(v != values[0] for v in values):
+                raise ValueError(f"cannot batch differing {key!r} values")
+            batch[key] = values[0]
+            continue
+        if values[0].dim() == 0:
+            batch[key] = values[0]
+            continue
+        shape = [max(v.shape[d] for v in values) for d in range(values[0].dim())]
+        padded = []
+        for value in values:
+            pads: list[int] = []
+            for dim in reversed(range(1, value.dim())):
+                pads += [0, shape[dim] - value.shape[dim]]
+            padded.append(torch.nn.functional.pad(value, pads) if any(pads) else value)
+        batch[key] = torch.cat(padded)
+    return batch
+
+
+class RowSampler(LogitsProcessor):
+    """Per-row sampling on top of greedy selection (see module docstring)."""
+
+    def __init__(self, jobs: Sequence[Job]):
+        self.jobs = jobs
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for row, job in enumerate(self.jobs):
+            params = job.sampling
+            if params.greedy or job.finish_reason is not None:
+                continue
+            logits = scores[row].float() / params.temperature
+            if params.top_k:
+                kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+            if params.top_p < 1.0:
+                sorted_probs, order = torch.sort(probs, descending=True)
+                keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
+                keep[0] = True
+                mask = torch.zeros_like(probs, dtype=torch.bool)
+                mask[order[keep]] = True
+                probs = torch.where(mask, probs, torch.zeros_like(probs))
+            token = torch.multinomial(probs.cpu(), 1, generator=job.generator).item()
+            chosen = torch.full_like(scores[row], float("-inf"))
+            chosen[token] = 0.0
+            scores[row] = chosen
+        return scores
+
+
+class RowTracker(StoppingCriteria):
+    """Collects each row's tokens, streams text, and decides when each row is done."""
+
+    def __init__(self, jobs: Sequence[Job], decode: Callable[[list[int]], str], eos_ids: set[int]):
+        self.jobs = jobs
+        self.decode = decode
+        self.eos_ids = eos_ids
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        now = time.perf_counter()
+        new_tokens = input_ids[:, -1].tolist()
+        done = []
+        for job, token in zip(self.jobs, new_tokens):
+            if job.finish_reason is None:
+                self._advance(job, token, now)
+            done.append(job.finish_reason is not None)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    def _advance(self, job: Job, token: int, now: float) -> None:
+        if job.cancelled:
+            job.finish_reason = "abort"
+            return
+        job.first_token = job.first_token or now
+        job.last_token = now
+        if token in self.eos_ids:
+            job.finish_reason = "stop"
+        else:
+            job.token_ids.append(token)
+            job.text = self.decode(job.token_ids)
+            stops = job.sampling.stop
+            hits = [job.text.find(s) for s in stops if s and s in job.text]
+            if hits:
+                job.text = job.text[: min(hits)]
+                job.finish_reason = "stop"
+            elif len(job.token_ids) >= job.sampling.max_tokens:
+                job.finish_reason = "length"
+        self._stream(job)
+
+    @staticmethod
+    def _stream(job: Job) -> None:
+        """Send the text that can no longer change: hold back a partial stop string or a
+        half-decoded character (U+FFFD) at the end until the next token settles it."""
+        text = job.text
+        limit = len(text)
+        if job.finish_reason is None:
+            if text.endswith("\ufffd"):
+                limit = text.rstrip("\ufffd").__len__()
+            for stop in job.sampling.stop:
+                for k in range(min(len(stop) - 1, limit), 0, -1):
+                    if text[:limit].endswith(stop[:k]):
+                        limit -= k
+                        break
+        if limit > job.sent:
+            job.emit(GenerationChunk(text=text[job.sent : limit], token_count=len(job.token_ids)))
+            job.sent = limit
+
+
+class Batcher:
+    """One worker thread that decodes waiting jobs in batches of up to ``max_batch_size``."""
+
+    def __init__(self, run_batch: Callable[[list[Job]], None], max_batch_size: int, name: str = "hf"):
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self._waiting: list[Job] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self.running = 0
+        self.last_progress = time.monotonic()
+        self._thread = threading.Thread(target=self._loop, name=f"vlmlab-{name}-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("engine is closed")
+            self._waiting.append(job)
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    for job in self._waiting:
+                        job.emit(("error", RuntimeError("engine closed")))
+                    return
+                dropped = [j for j in self._waiting if j.cancelled]
+                live = [j for j in self._waiting if not j.cancelled]
+                batch, self._waiting = live[: self.max_batch_size], live[self.max_batch_size :]
+            for job in dropped:
+                job.emit(("done", "abort"))
+            if not batch:
+                continue
+            self.running = len(batch)
+            try:
+                self.run_batch(batch)
+            except Exception as exc:  # noqa: BLE001 - reported to every request of the batch
+                logger.exception("batch of %d failed", len(batch))
+                for job in batch:
+                    job.emit(("error", exc))
+            finally:
+                self.running = 0
+                self.last_progress = time.monotonic()
