@@ -211,7 +211,7 @@ def test_packaged_checkpoint_batched_decoding_equals_one_by_one() -> None:
         pytest.skip("no packaged nano checkpoint exported yet")
     processor = AutoProcessor.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path)
-    samples = eval_samples(20, seed=5)
-    assert predict(model, processor, samples, batch_size=10) == predict(
+    samples = eval_samples(10, seed=5)
+    assert predict(model, processor, samples, batch_size=5) == predict(
         model, processor, samples, batch_size=1
     )
