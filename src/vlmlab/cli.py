@@ -168,6 +168,104 @@ def families(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     console.print(table)
 
 
+@app.command()
+def chat(
+    question: Annotated[str, typer.Argument(help="The question about the image(s).")],
+    image: Annotated[list[str] | None, typer.Option("--image", "-i", help="Image path or URL. Repeatable.")] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="nano, a family preset, a hub id or a path.")] = "nano",
+    engine: Annotated[str, typer.Option(help="Backend: hf.")] = "hf",
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option()] = 1.0,
+    seed: Annotated[int | None, typer.Option()] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32.")] = "auto",
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the checkpoint's own code.")] = False,
+    opt: Annotated[list[str] | None, typer.Option("--opt", help="Processor option NAME=VALUE.")] = None,
+    stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print text as it is generated.")] = True,
+) -> None:
+    """Ask one question about one or more images; prints the answer and a speed line."""
+    from vlmlab.chat import detail_line, run_chat, speed_line
+    from vlmlab.config import EngineSpec
+    from vlmlab.protocol.core import SamplingParams
+
+    spec = EngineSpec(
+        model=model,
+        engine=engine,
+        device=device,  # type: ignore[arg-type]
+        dtype=dtype,  # type: ignore[arg-type]
+        trust_remote_code=trust_remote_code,
+        processor_options=parse_options(opt),
+    )
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+
+    def on_text(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    outcome = run_chat(spec, question, image or [], sampling, on_text if stream else None, system)
+    if not stream:
+        sys.stdout.write(outcome.result.text)
+    sys.stdout.write("\n")
+    err_console.print(speed_line(outcome.result, outcome.wall_s), highlight=False)
+    err_console.print(detail_line(outcome), style="dim", highlight=False)
+
+
+nano_app = typer.Typer(help="The embedded nano model: train it, evaluate it.", no_args_is_help=True)
+app.add_typer(nano_app, name="nano")
+
+
+@nano_app.command("eval")
+def nano_eval(
+    n: Annotated[int, typer.Option("--n", help="Held-out samples (spread over the task types).")] = 500,
+    seed: Annotated[int, typer.Option(help="Eval seed (held out from training).")] = 1,
+    model_dir: Annotated[Path | None, typer.Option(help="Checkpoint directory (default: packaged).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print {\"accuracy\": {...}}.")] = False,
+) -> None:
+    """Exact-match accuracy per task type on freshly generated samples."""
+    from vlmlab.nano.evaluate import evaluate
+
+    accuracy = evaluate(model_dir, n=n, seed=seed)
+    if as_json:
+        typer.echo(json.dumps({"accuracy": accuracy, "n": n, "seed": seed}))
+        return
+    table = Table(title=f"nano held-out exact match (n={n}, seed={seed})")
+    table.add_column("task")
+    table.add_column("accuracy", justify="right")
+    for task, value in accuracy.items():
+        table.add_row(task, f"{value:.3f}")
+    console.print(table)
+
+
+@nano_app.command("train")
+def nano_train(
+    out: Annotated[Path, typer.Option(help="Run directory: checkpoints, metrics, best/ (resumes from it).")],
+    minutes: Annotated[float | None, typer.Option(help="Training-time budget in minutes.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer-step budget.")] = None,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    lr: Annotated[float, typer.Option()] = 3e-4,
+    seed: Annotated[int, typer.Option()] = 0,
+    eval_every: Annotated[int, typer.Option(help="Steps between held-out evaluations.")] = 500,
+    eval_n: Annotated[int, typer.Option(help="Held-out samples per evaluation.")] = 300,
+    checkpoint_minutes: Annotated[float, typer.Option()] = 5.0,
+    threads: Annotated[int, typer.Option(help="CPU threads.")] = 2,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
+    export: Annotated[Path | None, typer.Option(help="Write the final HF checkpoint here.")] = None,
+) -> None:
+    """Train the nano model on the synthetic tasks (resumable; runs on CPU or a CUDA GPU)."""
+    from vlmlab.nano.train import TrainConfig, train
+
+    accuracy = train(
+        TrainConfig(
+            out=str(out), minutes=minutes, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+            eval_every=eval_every, eval_n=eval_n, checkpoint_minutes=checkpoint_minutes,
+            threads=threads, device=device, export=str(export) if export else None,
+        )
+    )  # fmt: skip
+    typer.echo(json.dumps({"accuracy": accuracy}))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

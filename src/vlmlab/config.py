@@ -29,6 +29,8 @@ class EngineSpec:
         max_batch_size: requests decoded together.
         max_model_len: context limit to enforce; default: the model's.
         processor_options: defaults for the processor (``num_crops``, ``max_pixels``...).
+        preprocess_cache_bytes: budget of the content-addressed cache of processed images
+            (0 turns it off).
         extra: backend-specific settings (vLLM's ``tokenizer_mode``, remote ``base_url``...).
     """
 
@@ -41,6 +43,7 @@ class EngineSpec:
     max_batch_size: int = 16
     max_model_len: int | None = None
     processor_options: Mapping[str, Any] = field(default_factory=dict)
+    preprocess_cache_bytes: int = 256 * 2**20
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

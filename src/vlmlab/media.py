@@ -46,7 +46,15 @@ from vlmlab.protocol.errors import (
     VlmlabError,
 )
 
-__all__ = ["ImageInfo", "MediaPolicy", "load_image", "probe_image"]
+__all__ = [
+    "ImageBytes",
+    "ImageInfo",
+    "MediaPolicy",
+    "decode_image",
+    "load_image",
+    "probe_image",
+    "read_image_bytes",
+]
 
 # vLLM's default for VLLM_MAX_IMAGE_PIXELS (vllm/envs.py, enforced in vllm/multimodal/image.py):
 # twice PIL's Image.MAX_IMAGE_PIXELS (89_478_485), i.e. the point where PIL itself raises
@@ -456,6 +464,34 @@ def load_image(
     """
     policy = policy or MediaPolicy()
     return _decode(_read_source(ref, policy), policy)
+
+
+@dataclass(frozen=True)
+class ImageBytes:
+    """An image's source bytes, read under a policy but not decoded yet.
+
+    Callers with a content-addressed cache hash first (``sha256``) and decode only on a miss.
+    """
+
+    data: bytes
+    source: str
+    sha256: str
+
+
+def read_image_bytes(
+    ref: str | bytes | bytearray | memoryview, policy: MediaPolicy | None = None
+) -> ImageBytes:
+    """Fetch / read / base64-decode ``ref`` under ``policy`` (byte cap, SSRF guard, root), no
+    decoding. Raises the source errors of :func:`load_image`."""
+    policy = policy or MediaPolicy()
+    src = _read_source(ref, policy)
+    return ImageBytes(src.data, src.source, hashlib.sha256(src.data).hexdigest())
+
+
+def decode_image(image: ImageBytes, policy: MediaPolicy | None = None) -> ImageData:
+    """Decode bytes from :func:`read_image_bytes` (pixel cap from the header first, EXIF
+    orientation, first frame, RGB). Raises the decode errors of :func:`load_image`."""
+    return _decode(_Source(image.data, image.source), policy or MediaPolicy())
 
 
 def probe_image(

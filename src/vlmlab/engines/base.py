@@ -102,6 +102,17 @@ class Engine(abc.ABC):
     def info(self) -> EngineInfo:
         """What is loaded and how (for ``/v1/models``, ``/stats`` and result metadata)."""
 
+    def lookup_processed(self, sha256: str, processor_options: Mapping[str, Any] | None = None) -> Any | None:
+        """A cached preprocessing of the image with this content hash, or None.
+
+        Callers put a hit into ``ImageData.processed`` and skip decoding the image.
+        """
+        return None
+
+    def health(self) -> tuple[bool, str]:
+        """``(ok, reason)``: ok while idle or making progress; not ok when dead or hung."""
+        return True, "ok"
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the model and any worker threads. Idempotent."""
 

@@ -17,8 +17,10 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from vlmlab.cache import LRUCache
 from vlmlab.config import EngineSpec
 from vlmlab.engines.base import Capabilities, Engine, EngineInfo, GenerationRequest, PromptCount
+from vlmlab.engines.hf_preprocess import RequestPreprocessor
 from vlmlab.families import Family, get_family
 from vlmlab.protocol.core import Chat, GenerationChunk, GenerationResult, ImagePart, Timings
 from vlmlab.protocol.errors import (
@@ -70,6 +72,8 @@ def detect_family(config: Any, path: str, hint: str | None) -> Family | None:
     marker = getattr(config, "vlmlab_family", None)
     if marker:
         return get_family(marker)
+    if (Path(path) / "vlmlab_nano.json").exists():  # nano checkpoints exported before the marker
+        return get_family("nano")
     model_type = getattr(config, "model_type", "")
     vision = getattr(getattr(config, "vision_config", None), "model_type", "")
     if model_type == "llava" and vision == "pixtral":
@@ -126,6 +130,12 @@ class HFEngine(Engine):
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.tokenizer.eos_token_id or 0)
         self.eos_ids = self._eos_ids()
         self.expansion_mismatches = 0
+        self.preprocess_cache: LRUCache[Any] = LRUCache(
+            spec.preprocess_cache_bytes, sizeof=lambda image: image.nbytes, name="preprocess"
+        )
+        self.preprocessor = RequestPreprocessor(
+            processor, self.tokenizer, family, model_id, self.preprocess_cache, spec.processor_options
+        )
         self.batcher = Batcher(self._run_batch, spec.max_batch_size)
 
     # -- loading -------------------------------------------------------------------------------
@@ -226,20 +236,13 @@ class HFEngine(Engine):
         return PromptCount(total, sum(per_image), tuple(per_image))
 
     def _count_with_processor(self, prompt: str, images: list[Any]) -> PromptCount:
-        inputs = self._process(prompt, images, {})
+        inputs = self.preprocessor(prompt, images, {}).inputs
         total = int(inputs["input_ids"].shape[1])
         text = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         return PromptCount(total, max(0, total - text))
 
-    def _process(self, prompt: str, images: list[Any], options: Mapping[str, Any]) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"text": [prompt], "return_tensors": "pt", "add_special_tokens": False}
-        if images:
-            kwargs["images"] = [d.image for d in images]
-        kwargs.update({**self.spec.processor_options, **options})
-        try:
-            return dict(self.processor(**kwargs))
-        except TypeError as exc:
-            raise BadRequestError(f"the processor rejected the options {dict(options)}: {exc}", param="mm_processor_kwargs") from exc
+    def lookup_processed(self, sha256: str, processor_options: Mapping[str, Any] | None = None) -> Any | None:
+        return self.preprocessor.lookup(sha256, processor_options or {})
 
     # -- generation ----------------------------------------------------------------------------
 
@@ -260,7 +263,8 @@ class HFEngine(Engine):
         images = [img.data for img in chat.images]
         prompt = self.render(chat)
         prep_start = time.perf_counter()
-        inputs = await loop.run_in_executor(None, self._process, prompt, images, request.processor_options)
+        prepared = await loop.run_in_executor(None, self.preprocessor, prompt, images, request.processor_options)
+        inputs = prepared.inputs
         preprocess_s = time.perf_counter() - prep_start
         image_tokens = self._checked_image_tokens(inputs, prompt, len(images), count)
         prompt_tokens = int(inputs["input_ids"].shape[1])
@@ -294,6 +298,8 @@ class HFEngine(Engine):
             total_s=end - start,
             load_s=self.load_s,
             peak_memory_bytes=peak_memory_bytes(self.device),
+            preprocess_cache_hits=prepared.cache_hits,
+            stages=dict(prepared.stages),
         )
         yield GenerationResult(
             text=job.text,
@@ -339,16 +345,22 @@ class HFEngine(Engine):
             batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
         longest = max(j.sampling.max_tokens for j in jobs)
         room = self.max_model_len - batch["input_ids"].shape[1]
-        tracker = RowTracker(jobs, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), self.eos_ids)
+        tracker = RowTracker(
+            jobs,
+            lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
+            self.eos_ids,
+            on_step=self.batcher.mark_progress,
+        )
         with torch.inference_mode():
             self.model.generate(
                 **batch,
                 max_new_tokens=max(1, min(longest, room)),
                 do_sample=False,
-                logits_processor=LogitsProcessorList([RowSampler(jobs)]),
+                logits_processor=LogitsProcessorList([RowSampler(jobs, self.eos_ids)]),
                 stopping_criteria=StoppingCriteriaList([tracker]),
                 pad_token_id=self.pad_id,
             )
+        self.batcher.aborted_total += tracker.aborted
         for job in jobs:
             if job.finish_reason is None:  # ran out of context room before max_tokens
                 job.finish_reason = "length"
@@ -370,8 +382,14 @@ class HFEngine(Engine):
             details={"running": self.batcher.running, "waiting": self.batcher.waiting, "max_batch_size": self.spec.max_batch_size},
         )
 
-    def healthy(self) -> bool:
-        return self.batcher.alive()
+    def health(self, hung_after_s: float = 120.0) -> tuple[bool, str]:
+        """Dead when the batch thread is gone; hung when it holds work and made no progress."""
+        if not self.batcher.alive():
+            return False, "the batch worker thread died"
+        stalled = time.monotonic() - self.batcher.last_progress
+        if self.batcher.running and stalled > hung_after_s:
+            return False, f"no decoding progress for {stalled:.0f} s with {self.batcher.running} running"
+        return True, "ok"
 
     def close(self) -> None:
         self.batcher.close()

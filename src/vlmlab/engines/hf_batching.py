@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
+from vlmlab.engines.hf_preprocess import pad_cat
 from vlmlab.protocol.core import FinishReason, GenerationChunk, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -82,26 +83,22 @@ def left_pad_collate(jobs: Sequence[Job], pad_id: int) -> dict[str, Any]:
         if values[0].dim() == 0:
             batch[key] = values[0]
             continue
-        shape = [max(v.shape[d] for v in values) for d in range(values[0].dim())]
-        padded = []
-        for value in values:
-            pads: list[int] = []
-            for dim in reversed(range(1, value.dim())):
-                pads += [0, shape[dim] - value.shape[dim]]
-            padded.append(torch.nn.functional.pad(value, pads) if any(pads) else value)
-        batch[key] = torch.cat(padded)
+        batch[key] = pad_cat(values)
     return batch
 
 
 class RowSampler(LogitsProcessor):
     """Per-row sampling on top of greedy selection (see module docstring)."""
 
-    def __init__(self, jobs: Sequence[Job]):
+    def __init__(self, jobs: Sequence[Job], eos_ids: set[int] = frozenset()):
         self.jobs = jobs
+        self.eos_ids = sorted(eos_ids)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for row, job in enumerate(self.jobs):
             params = job.sampling
+            if params.ignore_eos and self.eos_ids:
+                scores[row, self.eos_ids] = float("-inf")
             if params.greedy or job.finish_reason is not None:
                 continue
             logits = scores[row].float() / params.temperature
@@ -126,13 +123,23 @@ class RowSampler(LogitsProcessor):
 class RowTracker(StoppingCriteria):
     """Collects each row's tokens, streams text, and decides when each row is done."""
 
-    def __init__(self, jobs: Sequence[Job], decode: Callable[[list[int]], str], eos_ids: set[int]):
+    def __init__(
+        self,
+        jobs: Sequence[Job],
+        decode: Callable[[list[int]], str],
+        eos_ids: set[int],
+        on_step: Callable[[], None] | None = None,
+    ):
         self.jobs = jobs
         self.decode = decode
         self.eos_ids = eos_ids
+        self.on_step = on_step
+        self.aborted = 0
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
         now = time.perf_counter()
+        if self.on_step is not None:
+            self.on_step()
         new_tokens = input_ids[:, -1].tolist()
         done = []
         for job, token in zip(self.jobs, new_tokens):
@@ -144,10 +151,11 @@ class RowTracker(StoppingCriteria):
     def _advance(self, job: Job, token: int, now: float) -> None:
         if job.cancelled:
             job.finish_reason = "abort"
+            self.aborted += 1
             return
         job.first_token = job.first_token or now
         job.last_token = now
-        if token in self.eos_ids:
+        if token in self.eos_ids and not job.sampling.ignore_eos:
             job.finish_reason = "stop"
         else:
             job.token_ids.append(token)
@@ -190,6 +198,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._closed = False
         self.running = 0
+        self.aborted_total = 0  # rows stopped because their consumer went away
         self.last_progress = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name=f"vlmlab-{name}-batcher", daemon=True)
         self._thread.start()
@@ -211,6 +220,9 @@ class Batcher:
             self._cond.notify_all()
         self._thread.join(timeout=30)
 
+    def mark_progress(self) -> None:
+        self.last_progress = time.monotonic()
+
     def alive(self) -> bool:
         return self._thread.is_alive()
 
@@ -227,6 +239,7 @@ class Batcher:
                 live = [j for j in self._waiting if not j.cancelled]
                 batch, self._waiting = live[: self.max_batch_size], live[self.max_batch_size :]
             for job in dropped:
+                self.aborted_total += 1
                 job.emit(("done", "abort"))
             if not batch:
                 continue

@@ -180,6 +180,11 @@ class Family:
         multi_image_rule: optional ``(sizes, options) -> per-image token counts`` where a prompt
             with several images is counted differently (LLaVA-OneVision drops anyres).
         source: the reference implementation the rule follows.
+        splice_images: each image's processor output (expanded tokens and tensors) depends on
+            that image alone, so an engine may process it once, cache it by content and splice
+            it into any prompt. False where the expansion depends on the other images
+            (LLaVA-OneVision drops anyres with several), the placeholder is numbered (Phi's
+            ``<|image_1|>``) or tensors are laid out per prompt (Idefics).
     """
 
     name: str
@@ -194,6 +199,7 @@ class Family:
     source: str
     aliases: tuple[str, ...] = ()
     multi_image_rule: Callable[[Sequence[tuple[int, int]], Mapping[str, Any]], list[int]] | None = None
+    splice_images: bool = True
 
     # -- options -----------------------------------------------------------------------------
 

@@ -172,4 +172,7 @@ FAMILY = Family(
         ),
     ),
     source="transformers Idefics2Processor / Idefics2ImageProcessor",
+    # The processor lays pixel_values out per prompt ([prompts, images, ...]) and collapses
+    # adjacent <fake_token_around_image> pairs between images.
+    splice_images=False,
 )

@@ -162,4 +162,6 @@ FAMILY = Family(
         ),
     ),
     source="transformers Idefics3ImageProcessor / Idefics3Processor with Llama-3 tag token counts",
+    # The processor lays pixel_values out per prompt ([prompts, images, ...]).
+    splice_images=False,
 )

@@ -135,4 +135,6 @@ FAMILY = Family(
     checkpoints=CHECKPOINTS,
     source="transformers LlavaOnevisionProcessor._get_number_of_features (llava-hf config values)",
     multi_image_rule=multi_image_tokens,
+    # Several images in one prompt skip anyres, so one image's expansion depends on the others.
+    splice_images=False,
 )

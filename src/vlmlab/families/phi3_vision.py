@@ -187,4 +187,6 @@ FAMILY = Family(
     source=(
         "image_processing_phi3_v.py calc_hd_transform_size / calc_num_image_tokens_from_image_size"
     ),
+    # Placeholders are numbered across the prompt (<|image_1|>, <|image_2|>).
+    splice_images=False,
 )

@@ -190,6 +190,9 @@ def build_config(tokenizer: Any, arch: NanoArch = NanoArch()) -> Any:
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
         tie_word_embeddings=True,
+        # Its model_type is "llava", as Pixtral's HF port: this marker tells vlmlab's engines
+        # to use the nano family rule (192 px) rather than Pixtral's (1024 px).
+        vlmlab_family=nano_family.FAMILY.name,
     )
 
 

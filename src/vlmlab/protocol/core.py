@@ -29,6 +29,8 @@ class ImageData:
         sha256: hex digest of the source bytes: the content address used by caches.
         nbytes: size of the source bytes.
         source: a short description of where it came from (URL, path, "data URL"), for messages.
+        processed: an engine's cached preprocessing of these bytes (a preprocessing-cache hit);
+            when set, ``image`` may be ``None``: the pixels were never decoded.
     """
 
     image: Any
@@ -38,6 +40,7 @@ class ImageData:
     sha256: str
     nbytes: int
     source: str = ""
+    processed: Any = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -133,6 +136,7 @@ class SamplingParams:
     top_k: int = 0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # keep generating to max_tokens (benchmarks), as vLLM's field
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -124,6 +124,7 @@ class ChatCompletionRequest(OpenAIModel):
             top_k=0 if self.top_k in (None, -1) else self.top_k,
             stop=stop,
             seed=self.seed,
+            ignore_eos=bool(self.ignore_eos),
         )
 
 

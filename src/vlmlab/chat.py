@@ -1,0 +1,102 @@
+"""One question about one or more images: the library side of ``vlmlab chat``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlmlab.config import EngineSpec
+from vlmlab.engines import Engine, GenerationRequest, load_engine
+from vlmlab.media import MediaPolicy, load_image
+from vlmlab.protocol.core import Chat, GenerationChunk, GenerationResult, ImagePart, SamplingParams
+
+
+@dataclass
+class ChatOutcome:
+    result: GenerationResult
+    load_s: float
+    wall_s: float
+
+
+def load_images(refs: Sequence[str], policy: MediaPolicy | None = None) -> list[ImagePart]:
+    """Load each ``--image`` (path, URL or data URL). The CLI user's own files are allowed."""
+    policy = policy or MediaPolicy(allowed_local_root=Path("/"))
+    return [ImagePart(ref=ref, data=load_image(ref, policy=policy)) for ref in refs]
+
+
+async def ask(
+    engine: Engine,
+    question: str,
+    images: Sequence[ImagePart],
+    sampling: SamplingParams,
+    on_text: Callable[[str], None] | None = None,
+    system: str | None = None,
+) -> GenerationResult:
+    """Stream one answer; ``on_text`` receives each piece of text as it is produced."""
+    chat = Chat.single(question, list(images))
+    if system:
+        from vlmlab.protocol.core import Message
+
+        chat = Chat((Message.of("system", system), *chat.messages))
+    result: GenerationResult | None = None
+    async for item in engine.generate(GenerationRequest(chat, sampling)):
+        if isinstance(item, GenerationChunk):
+            if on_text and item.text:
+                on_text(item.text)
+        else:
+            result = item
+    assert result is not None
+    return result
+
+
+def run_chat(
+    spec: EngineSpec,
+    question: str,
+    image_refs: Sequence[str],
+    sampling: SamplingParams,
+    on_text: Callable[[str], None] | None = None,
+    system: str | None = None,
+) -> ChatOutcome:
+    """Load the engine, load the images, answer, close. Blocking."""
+    images = load_images(image_refs)
+    start = time.perf_counter()
+    engine = load_engine(spec)
+    load_s = time.perf_counter() - start
+    try:
+        asked = time.perf_counter()
+        result = asyncio.run(ask(engine, question, images, sampling, on_text, system))
+        return ChatOutcome(result, load_s, time.perf_counter() - asked)
+    finally:
+        engine.close()
+
+
+def speed_line(result: GenerationResult, wall_s: float, requests: int = 1) -> str:
+    """vLLM's progress-bar summary: ``1/1 [00:00<00:00, 3.5it/s, input 980 tok/s, output 85 tok/s]``."""
+    wall = max(wall_s, 1e-9)
+    minutes, seconds = divmod(int(wall), 60)
+    return (
+        f"{requests}/{requests} [{minutes:02d}:{seconds:02d}<00:00, {requests / wall:.2f}it/s, "
+        f"input {result.prompt_tokens / wall:.0f} tok/s, output {result.completion_tokens / wall:.0f} tok/s]"
+    )
+
+
+def detail_line(outcome: ChatOutcome) -> str:
+    """Image tokens, prompt size, load time, TTFT, decode speed and peak memory."""
+    result, timings = outcome.result, outcome.result.timings
+    parts = [
+        f"image tokens {result.image_tokens}",
+        f"prompt {result.prompt_tokens} tok",
+        f"completion {result.completion_tokens} tok ({result.finish_reason})",
+        f"load {outcome.load_s:.2f} s",
+    ]
+    if timings.ttft_s is not None:
+        parts.append(f"TTFT {timings.ttft_s * 1000:.0f} ms")
+    speed = timings.decode_tokens_per_s(result.completion_tokens)
+    if speed:
+        parts.append(f"decode {speed:.0f} tok/s")
+    if timings.peak_memory_bytes:
+        parts.append(f"peak mem {timings.peak_memory_bytes / 2**20:.0f} MiB")
+    return " · ".join(parts)

@@ -1,0 +1,151 @@
+"""Request preprocessing for the transformers engine, with a content-addressed image cache.
+
+For families whose images are independent of each other and of the text
+(``Family.splice_images``), each image goes through the model's processor alone (with just the
+placeholder as text); its expanded token ids and tensors are cached under
+``sha256(bytes) + model + processor options`` and spliced between the separately tokenized text
+pieces of the prompt. Placeholders are special tokens, which tokenizers split on before anything
+else, so the spliced ids equal the processor's own output (``tests/test_engine_hf.py`` checks
+this). Other families go through the processor whole, uncached.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vlmlab.cache import LRUCache, content_key
+from vlmlab.families import Family
+from vlmlab.protocol.core import ImageData
+from vlmlab.protocol.errors import BadRequestError, EngineError
+
+
+@dataclass(frozen=True)
+class ProcessedImage:
+    """One image as the processor made it: expanded token ids and tensors (batch dim 1)."""
+
+    key: str
+    width: int
+    height: int
+    ids: tuple[int, ...]
+    tensors: Mapping[str, torch.Tensor]
+    nbytes: int
+
+
+@dataclass
+class Prepared:
+    """A request's model inputs and what preparing them cost."""
+
+    inputs: dict[str, Any]
+    cache_hits: int = 0
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+def pad_cat(values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Zero-pad every non-batch dimension to the largest, then concatenate on dimension 0."""
+    if len(values) == 1:
+        return values[0]
+    shape = [max(v.shape[d] for v in values) for d in range(values[0].dim())]
+    padded = []
+    for value in values:
+        pads: list[int] = []
+        for dim in reversed(range(1, value.dim())):
+            pads += [0, shape[dim] - value.shape[dim]]
+        padded.append(torch.nn.functional.pad(value, pads) if any(pads) else value)
+    return torch.cat(padded)
+
+
+def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+class RequestPreprocessor:
+    """Turns (prompt text with placeholders, images) into model inputs for one request."""
+
+    def __init__(self, processor: Any, tokenizer: Any, family: Family | None, model_id: str, cache: LRUCache[ProcessedImage], defaults: Mapping[str, Any]):
+        self.processor = processor
+        self.tokenizer = tokenizer
+        self.family = family
+        self.model_id = model_id
+        self.cache = cache
+        self.defaults = dict(defaults)
+
+    @property
+    def splices(self) -> bool:
+        return bool(self.family and self.family.splice_images and self.cache.enabled)
+
+    def key(self, sha256: str, options: Mapping[str, Any]) -> str:
+        return content_key(self.model_id, sha256, {**self.defaults, **options})
+
+    def lookup(self, sha256: str, options: Mapping[str, Any]) -> ProcessedImage | None:
+        """A cached image by content hash, so callers can skip decoding on a hit."""
+        return self.cache.get(self.key(sha256, options)) if self.splices else None
+
+    def __call__(self, prompt: str, images: Sequence[ImageData], options: Mapping[str, Any]) -> Prepared:
+        if self.splices:
+            return self._spliced(prompt, images, options)
+        if any(d.image is None for d in images):
+            raise EngineError("an image arrived without pixels for a model that cannot use cached images")
+        start = time.perf_counter()
+        inputs = self._run(prompt, [d.image for d in images], options)
+        return Prepared(inputs, 0, {"processor": time.perf_counter() - start})
+
+    def _run(self, text: str, images: list[Any], options: Mapping[str, Any]) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt", "add_special_tokens": False}
+        if images:
+            kwargs["images"] = images
+        kwargs.update({**self.defaults, **options})
+        try:
+            return dict(self.processor(**kwargs))
+        except (TypeError, ValueError) as exc:
+            raise BadRequestError(
+                f"the processor rejected the request (options {dict(options)}): {exc}", param="mm_processor_kwargs"
+            ) from exc
+
+    def _spliced(self, prompt: str, images: Sequence[ImageData], options: Mapping[str, Any]) -> Prepared:
+        assert self.family is not None
+        placeholder = self.family.image_placeholder
+        pieces = prompt.split(placeholder)
+        if len(pieces) != len(images) + 1:
+            raise EngineError(
+                f"the chat template emitted {len(pieces) - 1} {placeholder!r} placeholders for {len(images)} images"
+            )
+        prepared = Prepared({})
+        ids: list[int] = []
+        tensors: dict[str, list[torch.Tensor]] = {}
+        for index, piece in enumerate(pieces):
+            if piece:
+                ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+            if index == len(images):
+                break
+            image = self._image(images[index], options, prepared)
+            ids += image.ids
+            for name, value in image.tensors.items():
+                tensors.setdefault(name, []).append(value)
+        prepared.inputs = {
+            "input_ids": torch.tensor([ids], dtype=torch.long),
+            "attention_mask": torch.ones((1, len(ids)), dtype=torch.long),
+            **{name: pad_cat(values) for name, values in tensors.items()},
+        }
+        return prepared
+
+    def _image(self, data: ImageData, options: Mapping[str, Any], prepared: Prepared) -> ProcessedImage:
+        key = self.key(data.sha256, options)
+        found = data.processed if isinstance(data.processed, ProcessedImage) and data.processed.key == key else None
+        found = found or self.cache.get(key)
+        if found is not None:
+            prepared.cache_hits += 1
+            return found
+        if data.image is None:
+            raise EngineError(f"image {data.source or data.sha256[:12]} has no pixels and no cache entry")
+        start = time.perf_counter()
+        out = self._run(self.family.image_placeholder, [data.image], options)  # type: ignore[union-attr]
+        prepared.stages["processor"] = prepared.stages.get("processor", 0.0) + time.perf_counter() - start
+        tensors = {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and k not in ("input_ids", "attention_mask")}
+        image = ProcessedImage(key, data.width, data.height, tuple(out["input_ids"][0].tolist()), tensors, tensor_bytes(tensors) + 8 * out["input_ids"].shape[1])
+        self.cache.put(key, image)
+        return image
