@@ -98,15 +98,9 @@ def text_dims(tokenizer: Any, **extra: Any) -> dict[str, Any]:
 
 
 def vit_dims(**extra: Any) -> dict[str, Any]:
-    """A one-layer vision tower of width 32."""
-    return dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        initializer_range=INIT_STD,
-        **extra,
-    )
+    """A one-layer vision tower of width 32 (``extra`` overrides)."""
+    dims = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, initializer_range=INIT_STD)
+    return {**dims, **extra}
 
 
 def save(model_cls: Any, config: Any, processor: Any, out: Path) -> None:
@@ -370,6 +364,7 @@ CASES = (
         "qwen2_5_vl", build_qwen2_5_vl, "qwen2_5_vl",
         sizes=((56, 56), (112, 56), (70, 120)),
         pair=((56, 84), (84, 84)),
+        options=((200, 200), {"max_pixels": 12544}),
         placeholder="<|vision_start|><|image_pad|><|vision_end|>",
     ),
     Case(
@@ -430,9 +425,9 @@ def request_of(spec: Spec) -> GenerationRequest:
     )
 
 
-def hf_messages(spec: Spec) -> list[dict[str, Any]]:
+def hf_messages(spec: Spec, images: list[Any]) -> list[dict[str, Any]]:
     """The spec as the list-of-parts messages the processors' chat templates take."""
-    parts: list[dict[str, Any]] = [{"type": "image"} for _ in spec.sizes]
+    parts: list[dict[str, Any]] = [{"type": "image", "image": image} for image in images]
     return [{"role": "user", "content": [*parts, {"type": "text", "text": spec.question}]}]
 
 
@@ -450,11 +445,12 @@ def specs_for(case: Case) -> list[Spec]:
 
 
 def concurrent_specs(case: Case) -> list[Spec]:
-    """Four requests of different prompt lengths and image sizes (with the pair if any)."""
+    """Four requests of different prompt lengths and image sizes (with the pair if any), and a
+    text-only one: a row without image tensors in a batch with them."""
     specs = [Spec(QUESTIONS[i % len(QUESTIONS)], (size,)) for i, size in enumerate(case.sizes)]
     if case.pair:
         specs = [*specs[:3], Spec("Compare the two images.", case.pair)]
-    return specs[:4]
+    return [*specs[:4], Spec("What is a shape?", ())]
 
 
 @dataclass(frozen=True)
@@ -480,15 +476,18 @@ class Loaded:
     memo: dict[Spec, Expected] = field(default_factory=dict)
 
     def expected(self, spec: Spec) -> Expected:
-        """The reference answer: the processor's own ids, then greedy ``generate`` at batch 1."""
+        """The reference answer: the processor's own chat-template path (images passed per
+        conversation, as transformers does), then greedy ``generate`` at batch 1."""
         if spec in self.memo:
             return self.memo[spec]
         tokenizer = self.processor.tokenizer
-        prompt = self.processor.apply_chat_template(hf_messages(spec), add_generation_prompt=True, tokenize=False)
-        kwargs: dict[str, Any] = dict(text=[prompt], return_tensors="pt", add_special_tokens=False, **dict(spec.options))
-        if spec.sizes:
-            kwargs["images"] = [chat_of(spec).images[i].data.image for i in range(len(spec.sizes))]
-        inputs = self.processor(**kwargs)
+        images = [part.data.image for part in chat_of(spec).images]
+        messages = hf_messages(spec, images)
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = self.processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+            processor_kwargs=dict(spec.options),
+        )  # fmt: skip
         length = inputs["input_ids"].shape[1]
         text_only = len(tokenizer(prompt.replace(self.case.placeholder, ""), add_special_tokens=False)["input_ids"])
         with torch.inference_mode():
@@ -586,8 +585,8 @@ async def run_concurrently(engine: Any, requests: list[GenerationRequest]) -> tu
 
 
 def test_concurrent_requests_decode_as_at_batch_1(loaded: Loaded) -> None:
-    """Four requests of different prompt lengths and image sizes, left-padded into one batch,
-    give the batch-1 reference's tokens, text and usage."""
+    """Requests of different prompt lengths and image sizes (and one without an image),
+    left-padded into one batch, give the batch-1 reference's text and usage."""
     specs = concurrent_specs(loaded.case)
     results, sizes = run(run_concurrently(loaded.engine, [request_of(s) for s in specs]))
     assert sizes == [1, len(specs)]
@@ -598,3 +597,31 @@ def test_concurrent_requests_decode_as_at_batch_1(loaded: Loaded) -> None:
             want.text, want.completion_tokens, want.finish_reason,
         ), f"{loaded.case.name} {spec.sizes}"  # fmt: skip
         assert (result.prompt_tokens, result.image_tokens) == (want.prompt_tokens, want.image_tokens)
+
+
+def test_spec_processor_options_reach_the_processor_and_the_count(loaded: Loaded) -> None:
+    """Options set on the engine (``EngineSpec.processor_options``, as the shipped configs do)
+    change the processor's expansion and the family count alike."""
+    if loaded.case.options is None:
+        pytest.skip(f"the {loaded.case.family} family has no processor option")
+    size, options = loaded.case.options
+    engine = load_engine(EngineSpec(model=str(loaded.path), device="cpu", dtype="fp32", processor_options=options))
+    try:
+        spec = Spec(QUESTIONS[0], (size,))
+        result = run(complete(engine, request_of(spec)))
+        want = loaded.expected(Spec(QUESTIONS[0], (size,), tuple(options.items())))
+        assert want.image_tokens != loaded.expected(spec).image_tokens  # the option matters here
+        assert (result.prompt_tokens, result.image_tokens, result.text) == (want.prompt_tokens, want.image_tokens, want.text)
+        count = engine.count_prompt_tokens(chat_of(spec))
+        assert (count.prompt_tokens, count.image_tokens) == (want.prompt_tokens, want.image_tokens)
+        assert engine.expansion_mismatches == 0
+    finally:
+        engine.close()
+
+
+def test_spec_option_unknown_to_the_family_fails_at_load(tmp_path: Path) -> None:
+    from vlmlab.protocol.errors import UnknownOptionError
+
+    build_qwen2_vl(tmp_path)
+    with pytest.raises(UnknownOptionError, match="num_crops"):
+        load_engine(EngineSpec(model=str(tmp_path), device="cpu", processor_options={"num_crops": 4}))

@@ -212,6 +212,55 @@ def chat(
     err_console.print(detail_line(outcome), style="dim", highlight=False)
 
 
+@app.command()
+def serve(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="nano, a family preset, hub id or path.")] = None,
+    engine: Annotated[str | None, typer.Option(help="Engine or fallback chain, e.g. vllm,hf.")] = None,
+    config: Annotated[str | None, typer.Option(help="YAML/JSON config file or preset name.")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="VLMLAB_API_KEY", help="Require 'Authorization: Bearer KEY'.")] = None,
+    allowed_local_media_path: Annotated[str | None, typer.Option(help="Directory file:// images may come from.")] = None,
+    allowed_media_domains: Annotated[str | None, typer.Option(help="Comma-separated http(s) host allow-list.")] = None,
+    served_model_name: Annotated[str | None, typer.Option(help="Model id clients send.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto, bf16, fp16 or fp32.")] = None,
+    trust_remote_code: Annotated[bool | None, typer.Option("--trust-remote-code/--no-trust-remote-code")] = None,
+    max_model_len: Annotated[int | None, typer.Option()] = None,
+    max_batch_size: Annotated[int | None, typer.Option(help="Requests decoded together.")] = None,
+    max_images: Annotated[int | None, typer.Option(help="Images per request.")] = None,
+    max_image_bytes: Annotated[str | None, typer.Option(help="Per-image byte cap, e.g. 20MiB.")] = None,
+    max_image_pixels: Annotated[int | None, typer.Option(help="Per-image pixel cap.")] = None,
+    max_concurrency: Annotated[int | None, typer.Option(help="Requests in the engine at once.")] = None,
+    max_queue: Annotated[int | None, typer.Option(help="Requests waiting beyond that (then 429).")] = None,
+    request_timeout: Annotated[float | None, typer.Option(help="Seconds per request (then 504).")] = None,
+    preprocess_cache: Annotated[str | None, typer.Option(help="Preprocessing cache size, e.g. 256MiB; 0 = off.")] = None,
+    response_cache: Annotated[int | None, typer.Option(help="Response cache entries; 0 = off.")] = None,
+    opt: Annotated[list[str] | None, typer.Option("--opt", help="Processor default NAME=VALUE.")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning.")] = "info",
+) -> None:
+    """Serve a model behind the OpenAI chat-completions API (default: nano on 127.0.0.1:8000)."""
+    import uvicorn
+
+    from vlmlab.config import read_config_file, server_settings
+    from vlmlab.server import create_app
+
+    settings = server_settings(
+        read_config_file(config) if config else None,
+        model=model, engine=engine, host=host, port=port, api_key=api_key,
+        allowed_local_media_path=allowed_local_media_path, allowed_media_domains=allowed_media_domains,
+        served_model_name=served_model_name, device=device, dtype=dtype,
+        trust_remote_code=trust_remote_code, max_model_len=max_model_len,
+        max_batch_size=max_batch_size, max_images=max_images, max_image_bytes=max_image_bytes,
+        max_image_pixels=max_image_pixels, max_concurrency=max_concurrency, max_queue=max_queue,
+        request_timeout_s=request_timeout, preprocess_cache_bytes=preprocess_cache,
+        response_cache_entries=response_cache, processor_options=parse_options(opt) or None,
+    )  # fmt: skip
+    logging.getLogger("vlmlab").setLevel(log_level.upper())
+    console.print(f"[bold]vlmlab serve[/bold] {settings.model_name} on http://{settings.host}:{settings.port}/v1")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level.lower())
+
+
 nano_app = typer.Typer(help="The embedded nano model: train it, evaluate it.", no_args_is_help=True)
 app.add_typer(nano_app, name="nano")
 

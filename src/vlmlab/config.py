@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from vlmlab.protocol.errors import ConfigError
@@ -53,3 +54,144 @@ class EngineSpec:
             raise ConfigError(f"unknown dtype {self.dtype!r}; use auto, bf16, fp16 or fp32")
         if self.max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything ``vlmlab serve`` needs; built from flags, a YAML/JSON ``--config`` and env.
+
+    Attributes:
+        engines: the fallback chain, tried in order at start-up and on run-time failure.
+        served_model_name: the id clients send and ``/v1/models`` lists (default: the model).
+        api_key: Bearer token required on ``/v1/*`` and ``/tokenize`` (``VLMLAB_API_KEY``).
+        allowed_local_media_path: root under which ``file://`` image URLs may be read.
+        allowed_media_domains: http(s) host allow-list (``None``: any public host).
+        trusted_media_hosts: hosts exempt from the private-address guard (tests, internal hosts).
+        max_images: images per request (default: the family's limit).
+        max_image_bytes, max_image_pixels: per-image caps, checked before decoding.
+        max_concurrency: requests handed to the engine at once (the engine batches them).
+        max_queue: requests allowed to wait beyond those; more get 429 with Retry-After.
+        request_timeout_s: per-request deadline (504 after it).
+        response_cache_entries: deterministic answers kept (0 turns the cache off).
+        media_workers: threads that fetch and decode images off the event loop.
+        default_max_tokens: completion length when a request sets none.
+        engine_failures_before_fallback: consecutive engine errors that hand over to the next.
+    """
+
+    engines: tuple[EngineSpec, ...] = (EngineSpec(),)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None
+    api_key: str | None = None
+    allowed_local_media_path: str | None = None
+    allowed_media_domains: tuple[str, ...] | None = None
+    trusted_media_hosts: tuple[str, ...] = ()
+    max_images: int | None = None
+    max_image_bytes: int = 20 * 2**20
+    max_image_pixels: int = 178_956_970
+    max_concurrency: int = 16
+    max_queue: int = 64
+    request_timeout_s: float = 300.0
+    response_cache_entries: int = 1024
+    media_workers: int = 4
+    default_max_tokens: int = 256
+    engine_failures_before_fallback: int = 3
+
+    def __post_init__(self) -> None:
+        if not self.engines:
+            raise ConfigError("at least one engine is needed")
+        for name in ("max_concurrency", "media_workers", "engine_failures_before_fallback"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_queue < 0 or self.request_timeout_s <= 0:
+            raise ConfigError("max_queue must be >= 0 and request_timeout_s > 0")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.engines[0].model
+
+
+# -- config files ----------------------------------------------------------------------------------
+
+_ENGINE_KEYS = {f for f in EngineSpec.__dataclass_fields__}
+_SERVER_KEYS = {f for f in ServerSettings.__dataclass_fields__} - {"engines"}
+_BYTE_KEYS = {"preprocess_cache_bytes", "max_image_bytes"}
+PRESET_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def read_config_file(name_or_path: str) -> dict[str, Any]:
+    """A YAML or JSON config: a path, or the name of a shipped preset (``phi-3.5-vision``)."""
+    import json
+
+    import yaml
+
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        preset = PRESET_DIR / f"{name_or_path}.yaml"
+        if not preset.exists():
+            raise ConfigError(
+                f"config {name_or_path!r} is neither a file nor a preset. Presets: {', '.join(preset_names())}"
+            )
+        path = preset
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot parse {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def _byte_value(key: str, value: Any) -> int:
+    if isinstance(value, str):
+        from vlmlab.units import parse_bytes
+
+        return parse_bytes(value)
+    if not isinstance(value, int):
+        raise ConfigError(f"{key} must be a number of bytes or a size like 256MiB, got {value!r}")
+    return value
+
+
+def _engine_spec(values: Mapping[str, Any], where: str) -> EngineSpec:
+    unknown = set(values) - _ENGINE_KEYS
+    if unknown:
+        raise ConfigError(f"unknown engine setting(s) {sorted(unknown)} in {where}. Valid: {sorted(_ENGINE_KEYS)}")
+    clean = {k: (_byte_value(k, v) if k in _BYTE_KEYS else v) for k, v in values.items()}
+    return EngineSpec(**clean)
+
+
+def server_settings(config: Mapping[str, Any] | None = None, **overrides: Any) -> ServerSettings:
+    """Settings from a config mapping (file contents) with CLI ``overrides`` on top (``None``
+    values are ignored). ``engine`` may be ``"vllm,hf"`` or a list; ``engines`` may list
+    per-engine settings that override the top-level engine settings.
+
+    Raises:
+        ConfigError: naming an unknown key or a bad value.
+    """
+    merged: dict[str, Any] = dict(config or {})
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    per_engine = merged.pop("engines", None)
+    known = _ENGINE_KEYS | _SERVER_KEYS
+    unknown = set(merged) - known
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {sorted(unknown)}. Valid: {sorted(known)}")
+    engine_defaults = {k: merged.pop(k) for k in list(merged) if k in _ENGINE_KEYS}
+    names = engine_defaults.pop("engine", "hf")
+    if per_engine is None or "engine" in overrides and overrides["engine"] is not None:
+        names = names.split(",") if isinstance(names, str) else list(names)
+        per_engine = [{"engine": n.strip()} for n in names if n.strip()]
+    if not isinstance(per_engine, list) or not per_engine:
+        raise ConfigError("engines must be a non-empty list of engine settings")
+    specs = tuple(_engine_spec({**engine_defaults, **entry}, f"engines[{i}]") for i, entry in enumerate(per_engine))
+    server = {k: (_byte_value(k, v) if k in _BYTE_KEYS else v) for k, v in merged.items()}
+    for key in ("allowed_media_domains", "trusted_media_hosts"):
+        if isinstance(server.get(key), str):
+            server[key] = tuple(h.strip() for h in server[key].split(",") if h.strip())
+        elif server.get(key) is not None:
+            server[key] = tuple(server[key])
+    return ServerSettings(engines=specs, **server)

@@ -159,6 +159,10 @@ class HFEngine(Engine):
                 raise ConfigError(f"{spec.model} ships its own model code: pass --trust-remote-code if you trust it") from exc
             raise ConfigError(f"unsupported model {spec.model!r}: {exc}") from exc
         family = detect_family(config, source, hint)
+        if family is not None:
+            # The spec's options also decide the counts (count_prompt_tokens): an option the
+            # family rule does not know fails here, before the weights load, not per request.
+            family.resolve_options(spec.processor_options)
         device = cls._pick_device(spec.device)
         dtype = {"auto": "bf16" if device.startswith("cuda") else "fp32"}.get(spec.dtype, spec.dtype)
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
@@ -229,14 +233,16 @@ class HFEngine(Engine):
         text_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         images = [img.data for img in chat.images]  # type: ignore[union-attr]
         if self.family is None:
-            return self._count_with_processor(prompt, images)
-        per_image = self.family.prompt_image_tokens([(d.width, d.height) for d in images], **dict(processor_options or {}))
+            return self._count_with_processor(prompt, images, processor_options or {})
+        # The processor runs with the spec's options under the request's; so must the rule.
+        options = {**self.spec.processor_options, **(processor_options or {})}
+        per_image = self.family.prompt_image_tokens([(d.width, d.height) for d in images], **options)
         placeholder = len(self.tokenizer(self.family.image_placeholder, add_special_tokens=False)["input_ids"])
         total = len(text_ids) - placeholder * len(images) + sum(per_image)
         return PromptCount(total, sum(per_image), tuple(per_image))
 
-    def _count_with_processor(self, prompt: str, images: list[Any]) -> PromptCount:
-        inputs = self.preprocessor(prompt, images, {}).inputs
+    def _count_with_processor(self, prompt: str, images: list[Any], options: Mapping[str, Any]) -> PromptCount:
+        inputs = self.preprocessor(prompt, images, options).inputs
         total = int(inputs["input_ids"].shape[1])
         text = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         return PromptCount(total, max(0, total - text))

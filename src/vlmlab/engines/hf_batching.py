@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
-from vlmlab.engines.hf_preprocess import pad_cat
+from vlmlab.engines.hf_preprocess import pad_cat, token_aligned
 from vlmlab.protocol.core import FinishReason, GenerationChunk, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,9 @@ def left_pad_collate(jobs: Sequence[Job], pad_id: int) -> dict[str, Any]:
     non-batch dimension to the largest in the batch and concatenated on dimension 0: that covers
     Pixtral's per-image pixel canvases (the model crops by ``image_sizes``), LLaVA-NeXT's patch
     lists, Idefics' image slots (all-zero images are skipped by the model) and Qwen's flat patch
-    rows. Non-tensor values must agree across the batch.
+    rows. Tensors with one entry per prompt token (Qwen's ``mm_token_type_ids``) are left-padded
+    with zeros like the ids (a row without one gets zeros: all text). Non-tensor values must
+    agree across the batch.
     """
     width = max(j.inputs["input_ids"].shape[1] for j in jobs)
     ids, masks = [], []
@@ -74,6 +76,11 @@ def left_pad_collate(jobs: Sequence[Job], pad_id: int) -> dict[str, Any]:
     for key in sorted(keys):
         values = [j.inputs[key] for j in jobs if j.inputs.get(key) is not None]
         if not values:
+            continue
+        if all(token_aligned(j.inputs[key], j.inputs["input_ids"].shape[1]) for j in jobs if j.inputs.get(key) is not None):
+            rows = [j.inputs.get(key) for j in jobs]
+            rows = [torch.zeros(j.inputs["input_ids"].shape, dtype=values[0].dtype) if r is None else r for j, r in zip(jobs, rows)]
+            batch[key] = torch.cat([torch.nn.functional.pad(r, (width - r.shape[1], 0), value=0) for r in rows])
             continue
         if not isinstance(values[0], torch.Tensor):
             if any(v != values[0] for v in values):

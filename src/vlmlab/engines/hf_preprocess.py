@@ -34,6 +34,9 @@ class ProcessedImage:
     ids: tuple[int, ...]
     tensors: Mapping[str, torch.Tensor]
     nbytes: int
+    # Tensors with one entry per token of ``ids`` (Qwen's mm_token_type_ids): spliced along the
+    # sequence, not stacked per image.
+    token_tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -57,6 +60,13 @@ def pad_cat(values: Sequence[torch.Tensor]) -> torch.Tensor:
             pads += [0, shape[dim] - value.shape[dim]]
         padded.append(torch.nn.functional.pad(value, pads) if any(pads) else value)
     return torch.cat(padded)
+
+
+def token_aligned(value: Any, length: int) -> bool:
+    """Whether ``value`` holds one entry per token of a ``length``-token row (shape
+    ``(1, length)``), like Qwen's ``mm_token_type_ids`` or Gemma's ``token_type_ids``. Such
+    tensors follow the tokens: spliced and left-padded with them, 0 where text is."""
+    return isinstance(value, torch.Tensor) and value.dim() == 2 and tuple(value.shape) == (1, length)
 
 
 def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
@@ -97,7 +107,10 @@ class RequestPreprocessor:
     def _run(self, text: str, images: list[Any], options: Mapping[str, Any]) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt", "add_special_tokens": False}
         if images:
-            kwargs["images"] = images
+            # One list per prompt, as ProcessorMixin.apply_chat_template passes them: a flat
+            # list reads as one image per prompt to some processors (LLaVA-OneVision then keeps
+            # anyres for each image of a multi-image prompt, which the model was not run with).
+            kwargs["images"] = [images]
         kwargs.update({**self.defaults, **options})
         try:
             return dict(self.processor(**kwargs))
@@ -117,12 +130,15 @@ class RequestPreprocessor:
         prepared = Prepared({})
         ids: list[int] = []
         tensors: dict[str, list[torch.Tensor]] = {}
+        token_tensors: dict[str, list[tuple[int, torch.Tensor]]] = {}  # (offset in ids, values)
         for index, piece in enumerate(pieces):
             if piece:
                 ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
             if index == len(images):
                 break
             image = self._image(images[index], options, prepared)
+            for name, value in image.token_tensors.items():
+                token_tensors.setdefault(name, []).append((len(ids), value))
             ids += image.ids
             for name, value in image.tensors.items():
                 tensors.setdefault(name, []).append(value)
@@ -131,6 +147,11 @@ class RequestPreprocessor:
             "attention_mask": torch.ones((1, len(ids)), dtype=torch.long),
             **{name: pad_cat(values) for name, values in tensors.items()},
         }
+        for name, spans in token_tensors.items():
+            full = torch.zeros((1, len(ids)), dtype=spans[0][1].dtype)
+            for offset, value in spans:
+                full[:, offset : offset + value.shape[1]] = value
+            prepared.inputs[name] = full
         return prepared
 
     def _image(self, data: ImageData, options: Mapping[str, Any], prepared: Prepared) -> ProcessedImage:
@@ -146,6 +167,15 @@ class RequestPreprocessor:
         out = self._run(self.family.image_placeholder, [data.image], options)  # type: ignore[union-attr]
         prepared.stages["processor"] = prepared.stages.get("processor", 0.0) + time.perf_counter() - start
         tensors = {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and k not in ("input_ids", "attention_mask")}
-        image = ProcessedImage(key, data.width, data.height, tuple(out["input_ids"][0].tolist()), tensors, tensor_bytes(tensors) + 8 * out["input_ids"].shape[1])
+        # Text-side outputs shaped like input_ids follow the tokens. The image processor's own
+        # outputs never do, even when shaped alike (a 2-token image's image_sizes is (1, 2)).
+        image_keys = set(getattr(getattr(self.processor, "image_processor", None), "model_input_names", ()))
+        length = out["input_ids"].shape[1]
+        per_token = {k: v for k, v in tensors.items() if k not in image_keys and token_aligned(v, length)}
+        tensors = {k: v for k, v in tensors.items() if k not in per_token}
+        image = ProcessedImage(
+            key, data.width, data.height, tuple(out["input_ids"][0].tolist()), tensors,
+            tensor_bytes(tensors) + tensor_bytes(per_token) + 8 * length, per_token,
+        )  # fmt: skip
         self.cache.put(key, image)
         return image

@@ -1,0 +1,254 @@
+"""The FastAPI app: thin routes over :class:`ChatService`, one error mapping, SSE streaming.
+
+``create_app(settings)`` builds everything (engines load in the app's lifespan); the loaded
+model lives in ``app.state``, never in module globals, so tests can run several servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from vlmlab.config import ServerSettings
+from vlmlab.protocol.core import GenerationChunk, GenerationResult
+from vlmlab.protocol.errors import (
+    AuthenticationError,
+    BadRequestError,
+    EngineUnavailableError,
+    NotFoundError,
+    OverloadedError,
+    VlmlabError,
+)
+from vlmlab.protocol.openai import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChunkChoice,
+    DeltaMessage,
+    ModelCard,
+    ModelList,
+    TimingsOut,
+    Usage,
+    new_completion_id,
+)
+from vlmlab.server.engines import EngineChain
+from vlmlab.server.service import ChatService
+
+logger = logging.getLogger(__name__)
+
+
+def error_response(exc: VlmlabError) -> JSONResponse:
+    headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if isinstance(exc, OverloadedError) else None
+    return JSONResponse(exc.to_openai(), status_code=exc.status_code, headers=headers)
+
+
+def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """The first pydantic error as one readable sentence, and the field it concerns."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request body", None
+    first = errors[0]
+    location = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    return f"{location or 'body'}: {first.get('msg', 'invalid value')}", location or None
+
+
+def service_of(request: Request) -> ChatService:
+    service = getattr(request.app.state, "service", None)
+    if service is None:
+        raise EngineUnavailableError("the server is still starting")
+    return service
+
+
+def require_api_key(request: Request) -> None:
+    expected: str | None = request.app.state.settings.api_key
+    if not expected:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    # Constant-time comparison of the whole token; a missing header compares against "".
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+        raise AuthenticationError("missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+
+def create_app(settings: ServerSettings, chain: EngineChain | None = None) -> FastAPI:
+    """The server for ``settings``; engines load when the app starts (lifespan)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engines = chain or EngineChain(settings.engines, settings.engine_failures_before_fallback)
+        if engines.engine is None:
+            await asyncio.get_running_loop().run_in_executor(None, engines.start)
+        app.state.service = ChatService(settings, engines)
+        try:
+            yield
+        finally:
+            app.state.service.close()
+
+    app = FastAPI(title="vlmlab", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    auth = [Depends(require_api_key)]
+
+    @app.exception_handler(VlmlabError)
+    async def on_vlmlab_error(request: Request, exc: VlmlabError) -> JSONResponse:
+        service = getattr(request.app.state, "service", None)
+        if service is not None:
+            service.metrics.observe_error(exc.status_code)
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = validation_message(exc)
+        return await on_vlmlab_error(request, BadRequestError(message, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return error_response(NotFoundError(f"no route {request.method} {request.url.path}"))
+        error = VlmlabError(str(exc.detail))
+        error.status_code = exc.status_code  # type: ignore[misc]
+        error.error_type = "BadRequestError" if exc.status_code < 500 else "InternalServerError"  # type: ignore[misc]
+        return error_response(error)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s", request.url.path)
+        return await on_vlmlab_error(request, VlmlabError(f"internal error: {type(exc).__name__}"))
+
+    @app.post("/v1/chat/completions", dependencies=auth, response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        service = service_of(request)
+        check_model(body, service)
+        items = service.stream(body)
+        first = await anext(items)  # errors before any output become plain HTTP errors
+        if body.stream:
+            return StreamingResponse(sse(body, service, first, items), media_type="text/event-stream")
+        return await respond(request, service, first, items)
+
+    @app.post("/tokenize", dependencies=auth)
+    async def tokenize(body: ChatCompletionRequest, request: Request) -> dict[str, Any]:
+        count, max_model_len = await service_of(request).tokenize(body)
+        return {
+            "count": count.prompt_tokens,
+            "prompt_tokens": count.prompt_tokens,
+            "image_tokens": count.image_tokens,
+            "per_image_tokens": list(count.per_image),
+            "max_model_len": max_model_len,
+        }
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models(request: Request) -> dict[str, Any]:
+        service = service_of(request)
+        info = service.chain.current().info()
+        card = ModelCard(
+            id=settings.model_name,
+            root=info.model,
+            max_model_len=info.max_model_len,
+            max_images=service.max_images(),
+            engine=info.engine,
+            family=info.family,
+        )
+        return ModelList(data=[card]).model_dump()
+
+    @app.get("/health")
+    async def health(request: Request) -> Response:
+        service = getattr(request.app.state, "service", None)
+        if service is None:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        ok, why = service.chain.health()
+        return Response(status_code=200) if ok else JSONResponse({"status": "unhealthy", "reason": why}, status_code=503)
+
+    @app.get("/stats")
+    async def stats(request: Request) -> dict[str, Any]:
+        return service_of(request).stats()
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        service = service_of(request)
+        service.metrics.running.labels(service.metrics.model_name).set(service.in_engine)
+        service.metrics.waiting.labels(service.metrics.model_name).set(max(0, service.active - service.in_engine))
+        return Response(service.metrics.export(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def check_model(body: ChatCompletionRequest, service: ChatService) -> None:
+    served = service.settings.model_name
+    if body.model and body.model not in (served, service.chain.current().info().model):
+        raise NotFoundError(f"The model {body.model!r} does not exist; this server serves {served!r}", param="model")
+
+
+async def respond(request: Request, service: ChatService, first: Any, items: AsyncIterator[Any]) -> JSONResponse:
+    """Drain the generation; cancel it when the client disconnects before the answer."""
+
+    async def drain() -> GenerationResult:
+        item = first
+        while not isinstance(item, GenerationResult):
+            item = await anext(items)
+        return item
+
+    task = asyncio.ensure_future(drain())
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.25)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                await items.aclose()
+                return JSONResponse({}, status_code=499)
+        result = task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+    await items.aclose()
+    body = ChatCompletionResponse.from_result(result, model=service.settings.model_name)
+    return JSONResponse(body.model_dump())
+
+
+async def sse(body: ChatCompletionRequest, service: ChatService, first: Any, items: AsyncIterator[Any]) -> AsyncIterator[str]:
+    """OpenAI's stream: a role chunk, content chunks, a finish chunk, an optional usage chunk,
+    ``[DONE]``. An error after the stream started is sent as an SSE error event."""
+    completion_id, created, model = new_completion_id(), int(time.time()), service.settings.model_name
+
+    def chunk(delta: DeltaMessage, finish: str | None = None, **extra: Any) -> str:
+        payload = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[ChunkChoice(delta=delta, finish_reason=finish)], **extra)
+        return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    yield chunk(DeltaMessage(role="assistant", content=""))
+    item = first
+    try:
+        while True:
+            if isinstance(item, GenerationChunk):
+                if item.text:
+                    yield chunk(DeltaMessage(content=item.text))
+            else:
+                result: GenerationResult = item
+                yield chunk(DeltaMessage(), result.finish_reason, timings=TimingsOut.from_timings(result.timings, result.completion_tokens))
+                if include_usage:
+                    usage = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[], usage=Usage.from_result(result))
+                    yield f"data: {usage.model_dump_json()}\n\n"
+                break
+            item = await anext(items)
+    except VlmlabError as exc:
+        service.metrics.observe_error(exc.status_code)
+        yield f"data: {json.dumps(exc.to_openai())}\n\n"
+    except (asyncio.CancelledError, GeneratorExit):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the status is already 200: report in-band
+        logger.exception("stream failed")
+        yield f"data: {json.dumps(VlmlabError(f'internal error: {type(exc).__name__}').to_openai())}\n\n"
+    finally:
+        await items.aclose()
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,110 @@
+"""The engine fallback chain: ``--engine vllm,hf`` tries each in order at start-up, and hands
+over to the next when the serving engine dies or keeps failing at run time."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from vlmlab.config import EngineSpec
+from vlmlab.engines import Engine, load_engine
+from vlmlab.protocol.errors import EngineUnavailableError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ChainState:
+    index: int = -1
+    consecutive_failures: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)  # why each earlier engine is not serving
+
+
+class EngineChain:
+    """Owns the serving engine and the ones behind it."""
+
+    def __init__(
+        self,
+        specs: Sequence[EngineSpec],
+        failures_before_fallback: int = 3,
+        loader: Callable[[EngineSpec], Engine] = load_engine,
+    ):
+        self.specs = list(specs)
+        self.failures_before_fallback = failures_before_fallback
+        self.loader = loader
+        self.state = ChainState()
+        self.engine: Engine | None = None
+        self._switching = asyncio.Lock()
+        self.on_fallback: Callable[[], None] | None = None
+
+    @property
+    def spec(self) -> EngineSpec:
+        return self.specs[self.state.index]
+
+    def start(self, first: int = 0) -> Engine:
+        """Load the first engine at or after ``first`` that loads; log why the others did not.
+
+        Raises:
+            EngineUnavailableError: none of the engines could be loaded (with every reason).
+        """
+        for index in range(first, len(self.specs)):
+            spec = self.specs[index]
+            try:
+                engine = self.loader(spec)
+            except Exception as exc:  # noqa: BLE001 - any load failure moves to the next engine
+                reason = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+                logger.warning("engine %s for %s not used: %s", spec.engine, spec.model, reason)
+                self.state.skipped.append({"engine": spec.engine, "model": spec.model, "reason": reason})
+                continue
+            self.engine, self.state.index, self.state.consecutive_failures = engine, index, 0
+            logger.info("serving %s with engine %s", spec.model, spec.engine)
+            return engine
+        reasons = "; ".join(f"{s['engine']}: {s['reason']}" for s in self.state.skipped[-len(self.specs):])
+        raise EngineUnavailableError(f"no engine could serve the model ({reasons})")
+
+    def current(self) -> Engine:
+        if self.engine is None:
+            raise EngineUnavailableError("no engine is serving (all failed); restart the server")
+        return self.engine
+
+    def record_success(self) -> None:
+        self.state.consecutive_failures = 0
+
+    async def record_failure(self, engine: Engine, error: BaseException) -> None:
+        """Count a run-time failure of ``engine``; hand over when it is dead or failed too often."""
+        if engine is not self.engine:
+            return  # a failure of an engine that was already replaced
+        self.state.consecutive_failures += 1
+        healthy, why = engine.health()
+        if healthy and self.state.consecutive_failures < self.failures_before_fallback:
+            return
+        reason = why if not healthy else f"{self.state.consecutive_failures} consecutive failures, last: {error}"
+        await self.fall_back(engine, reason)
+
+    async def fall_back(self, engine: Engine, reason: str) -> None:
+        async with self._switching:
+            if engine is not self.engine:
+                return
+            spec = self.spec
+            logger.error("engine %s failed at run time (%s); handing over", spec.engine, reason)
+            self.state.skipped.append({"engine": spec.engine, "model": spec.model, "reason": reason})
+            self.engine = None
+            await asyncio.get_running_loop().run_in_executor(None, engine.close)
+            if self.on_fallback:
+                self.on_fallback()
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self.start, self.state.index + 1)
+            except EngineUnavailableError:
+                logger.error("no engine left to take over")
+
+    def health(self) -> tuple[bool, str]:
+        if self.engine is None:
+            return False, "no engine is serving"
+        return self.engine.health()
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None

@@ -1,0 +1,197 @@
+"""`vlmlab serve` end to end: a real server on loopback with the nano model, driven by the
+official openai client and raw httpx."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from serverutil import data_url, image_message, png_bytes, running_server
+from vlmlab.config import EngineSpec, ServerSettings
+from vlmlab.families import get_family
+
+MEDIA_DIR_IMAGE = "shape.png"
+
+
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("media")
+    (root / MEDIA_DIR_IMAGE).write_bytes(png_bytes(120, 90, "blue", "circle"))
+    (root / "notes.txt").write_text("not an image at all")
+    return root
+
+
+@pytest.fixture(scope="module")
+def image_host(media_dir: Path):
+    """A local http server for image URLs (reached through the policy's test allowance)."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(media_dir))
+    handler.log_message = lambda *a, **k: None  # type: ignore[method-assign]
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(media_dir: Path):
+    settings = ServerSettings(
+        engines=(EngineSpec(model="nano", device="cpu"),),
+        allowed_local_media_path=str(media_dir),
+        trusted_media_hosts=("127.0.0.1",),
+        max_images=3,
+        default_max_tokens=16,
+    )
+    with running_server(settings) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+
+
+def ask(client: openai.OpenAI, messages: list[dict], **kwargs):
+    return client.chat.completions.create(model="nano", messages=messages, temperature=0, max_tokens=12, **kwargs)
+
+
+def test_models_health_and_metrics(server, client) -> None:
+    models = client.models.list()
+    card = models.data[0].model_dump()
+    assert card["id"] == "nano" and card["max_model_len"] == 1024 and card["engine"] == "hf"
+    assert card["input_modalities"] == ["text", "image"] and card["max_images"] == 3
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    ask(client, image_message("What colour is the shape?", data_url(png_bytes())))
+    metrics = httpx.get(f"{server.url}/metrics").text
+    for name in ("vllm:time_to_first_token_seconds_bucket", "vllm:e2e_request_latency_seconds_count", "vllm:prompt_tokens_total", "vllm:num_requests_running", "vllm:mm_cache_queries_total", 'vlmlab:preprocess_stage_seconds_count{model_name="nano",stage="decode"}'):
+        assert name in metrics, name
+
+
+def test_image_by_data_url_http_url_and_file(server, client, image_host, media_dir) -> None:
+    question = "What shape is it?"
+    by_file = ask(client, image_message(question, f"file://{media_dir / MEDIA_DIR_IMAGE}"))
+    by_http = ask(client, image_message(question, f"{image_host}/{MEDIA_DIR_IMAGE}"))
+    by_data = ask(client, image_message(question, data_url((media_dir / MEDIA_DIR_IMAGE).read_bytes())))
+    assert by_file.choices[0].message.content == by_http.choices[0].message.content == by_data.choices[0].message.content
+    assert by_file.usage.prompt_tokens == by_http.usage.prompt_tokens == by_data.usage.prompt_tokens
+
+
+def test_usage_equals_an_independent_count_and_tokenize(server, client) -> None:
+    from transformers import AutoProcessor
+
+    from vlmlab.nano import checkpoint_path
+
+    images = [png_bytes(100, 60), png_bytes(300, 200, "green", "circle")]
+    messages = [{"role": "system", "content": "Answer briefly."}, *image_message("Compare the two images.", *[data_url(i) for i in images])]
+    response = ask(client, messages)
+    processor = AutoProcessor.from_pretrained(checkpoint_path())
+    hf_messages = [
+        {"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare the two images."}]},
+    ]
+    prompt = processor.apply_chat_template(hf_messages, add_generation_prompt=True, tokenize=False)
+    from PIL import Image
+    import io
+
+    pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+    expected = processor(text=[prompt], images=pil, return_tensors="pt", add_special_tokens=False)["input_ids"].shape[1]
+    family = get_family("nano")
+    image_tokens = family.image_tokens(100, 60) + family.image_tokens(300, 200)
+    assert response.usage.prompt_tokens == expected
+    assert response.usage.prompt_tokens_details.image_tokens == image_tokens
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+    counted = httpx.post(f"{server.url}/tokenize", json={"messages": messages}).json()
+    assert counted["prompt_tokens"] == expected and counted["image_tokens"] == image_tokens
+    assert counted["per_image_tokens"] == [family.image_tokens(100, 60), family.image_tokens(300, 200)]
+    assert counted["max_model_len"] == 1024
+
+
+def test_streaming_text_equals_non_streaming(client) -> None:
+    messages = image_message("What colour is the shape?", data_url(png_bytes(80, 80, "green")))
+    plain = ask(client, messages)
+    stream = ask(client, messages, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [plain.choices[0].finish_reason]
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == [] and usage_chunk.usage.prompt_tokens == plain.usage.prompt_tokens
+    no_usage = list(ask(client, messages, stream=True))
+    assert all(c.usage is None for c in no_usage)
+
+
+def test_caches_report_hits(server, client) -> None:
+    image = data_url(png_bytes(140, 70, "yellow", "circle"))
+    first = ask(client, image_message("What colour?", image)).model_dump()
+    second = ask(client, image_message("What shape?", image)).model_dump()
+    assert first["timings"]["preprocess_cache_hits"] == 0
+    assert second["timings"]["preprocess_cache_hits"] == 1  # same bytes: no decode, no processor
+    repeat = ask(client, image_message("What shape?", image)).model_dump()
+    assert repeat["timings"]["response_cache_hit"] is True
+    assert repeat["choices"][0]["message"] == second["choices"][0]["message"]
+    assert repeat["usage"] == second["usage"]
+    stats = httpx.get(f"{server.url}/stats").json()
+    assert stats["engine"] == "hf" and stats["response_cache"]["hits"] >= 1
+    assert stats["preprocess_cache"]["hits"] >= 1 and stats["totals"]["requests"] >= 3
+
+
+def expect_error(server, body: dict | str, status: int, message: str) -> dict:
+    kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, str) else {"json": body}
+    response = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, **kwargs)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert message in error["message"], error
+    return error
+
+
+def test_bad_inputs_get_openai_errors_and_the_server_keeps_answering(server, client, image_host, media_dir) -> None:
+    good = image_message("Colour?", data_url(png_bytes()))
+    cases = [
+        ("{not json", 400, "JSON"),
+        ({"model": "nano"}, 400, "messages"),
+        ({"messages": good, "n": 2}, 400, "n=2 is not supported"),
+        ({"messages": good, "temperature": 5}, 400, "temperature"),
+        ({"model": "gpt-4o", "messages": good}, 404, "The model 'gpt-4o' does not exist"),
+        ({"messages": image_message("x", *[data_url(png_bytes())] * 4)}, 400, "At most 3 image(s)"),
+        ({"messages": image_message("x", "data:image/png;base64,aGVsbG8gd29ybGQ=")}, 400, "data URL"),
+        ({"messages": image_message("x", f"{image_host}/notes.txt")}, 400, "notes.txt"),
+        ({"messages": image_message("x", f"{image_host}/missing.png")}, 400, "404"),
+        ({"messages": image_message("x", "http://10.0.0.1/cat.png")}, 403, "10.0.0.1"),
+        ({"messages": image_message("x", "file:///etc/passwd")}, 403, "/etc/passwd"),
+        ({"messages": image_message("x", "ftp://example.com/a.png")}, 403, "ftp"),
+        ({"messages": good, "max_tokens": 5000}, 400, "maximum context length is 1024 tokens"),
+        ({"messages": good, "mm_processor_kwargs": {"num_crops": 4}}, 400, "unknown option 'num_crops'"),
+    ]
+    for body, status, message in cases:
+        error = expect_error(server, body, status, message)
+        if status == 400 and "context" in message:
+            assert error["code"] == "context_length_exceeded"
+    assert ask(client, good).choices[0].message.content is not None  # still serving
+    stats = httpx.get(f"{server.url}/stats").json()
+    assert stats["totals"]["errors_400"] >= 8 and stats["totals"].get("errors_500", 0) == 0
+    with pytest.raises(openai.BadRequestError) as info:
+        ask(client, good, n=3)
+    assert "n=3" in str(info.value)
+
+
+def test_api_key_is_required_when_set(media_dir) -> None:
+    settings = ServerSettings(engines=(EngineSpec(model="nano", device="cpu"),), api_key="s3cret")
+    with running_server(settings) as running:
+        anonymous = httpx.get(f"{running.url}/v1/models")
+        assert anonymous.status_code == 401 and anonymous.json()["error"]["type"] == "AuthenticationError"
+        wrong = httpx.post(f"{running.url}/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        assert httpx.get(f"{running.url}/health").status_code == 200  # probes need no key
+        good = openai.OpenAI(base_url=running.base_url, api_key="s3cret", max_retries=0)
+        assert good.models.list().data[0].id == "nano"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=running.base_url, api_key="guess", max_retries=0).models.list()
