@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 .PHONY: run test install lint clean
 
 run: $(STAMP)
-	$(BIN)/vlmlab plan --model all --image 1920x1080
+	$(BIN)/vlmlab serve
 
 test: $(STAMP)
 	$(BIN)/lint-imports

@@ -5,9 +5,10 @@ Each case builds a checkpoint inside the test: a config with tiny dimensions ->
 image-processor values (so the vlmlab family rule, which uses those values, must match the
 processor exactly), a small word-level tokenizer carrying the model's real special tokens, and a
 chat template of the official shape. The checkpoint is loaded through ``load_engine`` and checked
-against references that do not go through vlmlab: the processor's own ``input_ids`` (usage
-counts) and ``model.generate`` at batch 1 (greedy text), at batch 1 and with four requests of
-different prompt lengths and image sizes decoded together.
+against references that do not go through vlmlab: transformers' own ``processor.apply_chat_template``
+(usage counts: prompt and image tokens) and greedy ``model.generate`` at batch 1 (text, completion
+tokens), for requests run alone and for requests of different prompt lengths and image sizes
+decoded together in one batch.
 
 Weights are initialised with a large std (0.3) so that greedy output depends on every prompt
 position: with the default 0.02 a random model repeats the same tokens whatever the input, and
@@ -148,6 +149,11 @@ def qwen_processor(processor_cls: Any) -> tuple[Any, Any]:
     return processor, tokenizer
 
 
+# mrope_section splits head_dim / 2 = 8 rotary pairs over (time, height, width).
+QWEN_ROPE = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}
+QWEN_PATCHING = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2)  # real values
+
+
 def qwen_token_ids(tokenizer: Any) -> dict[str, int]:
     ids = tokenizer.convert_tokens_to_ids
     return dict(
@@ -163,9 +169,10 @@ def build_qwen2_vl(out: Path) -> None:
 
     processor, tokenizer = qwen_processor(Qwen2VLProcessor)
     config = Qwen2VLConfig(
-        # mrope_section splits head_dim/2 = 8 rotary pairs over (time, height, width).
-        text_config=text_dims(tokenizer, rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, initializer_range=INIT_STD),
+        text_config=text_dims(tokenizer, rope_parameters=QWEN_ROPE),
+        vision_config=dict(
+            QWEN_PATCHING, depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, initializer_range=INIT_STD
+        ),
         initializer_range=INIT_STD,
         **qwen_token_ids(tokenizer),
     )
@@ -177,10 +184,13 @@ def build_qwen2_5_vl(out: Path) -> None:
 
     processor, tokenizer = qwen_processor(Qwen2_5_VLProcessor)
     config = Qwen2_5_VLConfig(
-        text_config=text_dims(tokenizer, rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
-        # window_size 112 and full attention in block 0 as the real config's layout (blocks
-        # 7, 15, 23, 31 of 32), shrunk to one block.
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, out_hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[0], initializer_range=INIT_STD),
+        text_config=text_dims(tokenizer, rope_parameters=QWEN_ROPE),
+        # window_size 112 as the real vision config; its full-attention blocks (7, 15, 23, 31
+        # of 32) shrink to block 0 of 1.
+        vision_config=dict(
+            QWEN_PATCHING, depth=1, hidden_size=32, intermediate_size=64, out_hidden_size=32, num_heads=2,
+            window_size=112, fullatt_block_indexes=[0], initializer_range=INIT_STD,
+        ),  # fmt: skip
         initializer_range=INIT_STD,
         **qwen_token_ids(tokenizer),
     )
@@ -203,14 +213,8 @@ LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1
 
 
 def build_llava_next(out: Path) -> None:
-    from transformers import (
-        CLIPVisionConfig,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessor,
-        LlavaNextProcessor,
-        MistralConfig,
-    )
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, MistralConfig
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
 
     tokenizer = build_tokenizer(["<s>", "</s>", "<pad>", "<image>"], bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     # llava-hf/llava-v1.6-mistral-7b-hf preprocessor_config.json (size, crop_size, pinpoints)
@@ -250,15 +254,8 @@ ONEVISION_TEMPLATE = (
 
 
 def build_llava_onevision(out: Path) -> None:
-    from transformers import (
-        LlavaOnevisionConfig,
-        LlavaOnevisionForConditionalGeneration,
-        LlavaOnevisionImageProcessor,
-        LlavaOnevisionProcessor,
-        LlavaOnevisionVideoProcessor,
-        Qwen2Config,
-        SiglipVisionConfig,
-    )
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
 
     tokenizer = build_tokenizer(
         ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"],
@@ -304,14 +301,8 @@ IDEFICS3_TEMPLATE = (
 
 
 def build_idefics3(out: Path) -> None:
-    from transformers import (
-        Idefics3Config,
-        Idefics3ForConditionalGeneration,
-        Idefics3ImageProcessor,
-        Idefics3Processor,
-        Idefics3VisionConfig,
-        LlamaConfig,
-    )
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3VisionConfig, LlamaConfig
+    from transformers import Idefics3ImageProcessor, Idefics3Processor
 
     tokenizer = build_tokenizer(
         ["<|begin_of_text|>", "<|end_of_text|>", "<fake_token_around_image>", "<image>", "<end_of_utterance>"],
@@ -345,7 +336,7 @@ class Case:
     name: str
     build: Callable[[Path], None]
     family: str
-    sizes: tuple[tuple[int, int], ...]  # (width, height) of the four concurrent requests' images
+    sizes: tuple[tuple[int, int], ...]  # (width, height): one single-image request each
     pair: tuple[tuple[int, int], tuple[int, int]] | None  # two images in one prompt
     options: tuple[tuple[int, int], dict[str, Any]] | None = None  # a request with options
     placeholder: str = "<image>"
@@ -368,9 +359,10 @@ CASES = (
         placeholder="<|vision_start|><|image_pad|><|vision_end|>",
     ),
     Case(
-        # 40x20 and 400x200 land on the 336x672 canvas, 300x500 on 672x336, 700x700 on 672x672.
+        # Canvases (h x w): 40x20 and 20x40 -> 336x672 (the portrait one keeps 12 of 48
+        # feature columns after unpadding), 300x500 -> 672x336, 700x700 -> 672x672 (2x2 tiles).
         "llava_next", build_llava_next, "llava_next",
-        sizes=((40, 20), (300, 500), (400, 200), (20, 40)),
+        sizes=((40, 20), (300, 500), (700, 700), (20, 40)),
         pair=None,  # the family allows one image per prompt
     ),
     Case(
@@ -379,7 +371,7 @@ CASES = (
         pair=((40, 30), (60, 60)),  # several images: base view only, 729 + 1 each
     ),
     Case(
-        # Every image is upscaled to a 1456 px long side: squares 4x4 tiles, 4:3 3x4.
+        # Every image is upscaled to a 1456 px long side: 4:3 -> 3x4 tiles, squares 4x4, 2:5 4x2.
         "idefics3", build_idefics3, "idefics3",
         sizes=((40, 30), (32, 32), (20, 50)),
         pair=((40, 30), (30, 40)),
@@ -521,10 +513,6 @@ def loaded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     engine.close()
 
 
-def run(coro: Any) -> Any:
-    return asyncio.run(coro)
-
-
 # -- tests ------------------------------------------------------------------------------------
 
 
@@ -539,7 +527,7 @@ def test_batch1_usage_and_text_match_the_references(loaded: Loaded) -> None:
     ``model.generate``: all equal, for one image, two images, options and no image."""
     engine, family = loaded.engine, get_family(loaded.case.family)
     for spec in specs_for(loaded.case):
-        result = run(complete(engine, request_of(spec)))
+        result = asyncio.run(complete(engine, request_of(spec)))
         want = loaded.expected(spec)
         label = f"{loaded.case.name} {spec.sizes} {dict(spec.options)}"
         assert (result.prompt_tokens, result.image_tokens) == (want.prompt_tokens, want.image_tokens), label
@@ -576,6 +564,8 @@ async def run_concurrently(engine: Any, requests: list[GenerationRequest]) -> tu
     try:
         first = asyncio.ensure_future(complete(engine, requests[0]))
         while not started.is_set():
+            if first.done():  # failed before reaching the worker
+                first.result()
             await asyncio.sleep(0.005)
         results = await asyncio.gather(*(complete(engine, r) for r in requests))
         await first
@@ -588,7 +578,7 @@ def test_concurrent_requests_decode_as_at_batch_1(loaded: Loaded) -> None:
     """Requests of different prompt lengths and image sizes (and one without an image),
     left-padded into one batch, give the batch-1 reference's text and usage."""
     specs = concurrent_specs(loaded.case)
-    results, sizes = run(run_concurrently(loaded.engine, [request_of(s) for s in specs]))
+    results, sizes = asyncio.run(run_concurrently(loaded.engine, [request_of(s) for s in specs]))
     assert sizes == [1, len(specs)]
     assert len({r.prompt_tokens for r in results}) > 1  # really different lengths: padding ran
     for spec, result in zip(specs, results):
@@ -608,7 +598,7 @@ def test_spec_processor_options_reach_the_processor_and_the_count(loaded: Loaded
     engine = load_engine(EngineSpec(model=str(loaded.path), device="cpu", dtype="fp32", processor_options=options))
     try:
         spec = Spec(QUESTIONS[0], (size,))
-        result = run(complete(engine, request_of(spec)))
+        result = asyncio.run(complete(engine, request_of(spec)))
         want = loaded.expected(Spec(QUESTIONS[0], (size,), tuple(options.items())))
         assert want.image_tokens != loaded.expected(spec).image_tokens  # the option matters here
         assert (result.prompt_tokens, result.image_tokens, result.text) == (want.prompt_tokens, want.image_tokens, want.text)

@@ -1,0 +1,1 @@
+"""``vlmlab eval``: benchmark datasets, prompt profiles, reference-exact metrics, runner, reports."""
