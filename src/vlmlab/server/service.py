@@ -201,16 +201,19 @@ class ChatService:
             queue_s = time.perf_counter() - waited
             engine = self.chain.current()
             self.in_engine += 1
+            engine_start = time.perf_counter()
             try:
                 async for item in engine.generate(request):
                     if isinstance(item, GenerationResult):
                         t = item.timings
+                        t.stages["engine"] = time.perf_counter() - engine_start
                         t.queue_s = (t.queue_s or 0.0) + queue_s
                         t.preprocess_s = (t.preprocess_s or 0.0) + media_s
                         t.ttft_s = (t.ttft_s or 0.0) + (waited - start) + queue_s
                         t.total_s = time.perf_counter() - start
                         for stage, seconds in t.stages.items():
-                            self.metrics.observe_stage(stage, seconds)
+                            if stage != "engine":  # preprocessing stages only
+                                self.metrics.observe_stage(stage, seconds)
                         self.metrics.observe_result(item, t.total_s)
                     yield item
                 self.chain.record_success()

@@ -1,0 +1,157 @@
+"""`vlmlab serve` on nano, measured from a client in another process, three figures in one run.
+
+1. Server overhead: client end-to-end time minus the engine's own time (``timings.stages_ms.engine``)
+   for small text-only requests, p50 and p90. Goal (issue 4): p50 <= 2 ms.
+2. Preprocessing cache: the same 4032x3024 JPEG sent twice (as a data URL, different questions so
+   the response cache cannot answer): client-side time to first token of the second request as a
+   ratio to the first. Goal: <= 0.3x.
+3. Throughput: the same 32 image requests (greedy, ``ignore_eos``, 32 tokens) one at a time and
+   16 at a time; completion tokens per second as a ratio. Goal: >= 5x.
+
+    .venv/bin/python benchmarks/server.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from vlmlab.nano.tasks import generate
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "vlmlab", "serve", "--port", str(port), "--log-level", "warning", "--max-queue", "256"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def png_url(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def photo_jpeg(w: int = 4032, h: int = 3024, seed: int = 0) -> str:
+    """A camera-sized JPEG with photo-like content (smooth gradients plus noise)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([x / w * 255, y / h * 255, (x + y) / (w + h) * 255], axis=-1)
+    pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def overhead(url: str, n: int = 200) -> dict:
+    gaps = []
+    with httpx.Client(timeout=60) as client:
+        for i in range(n + 20):
+            body = {"model": "nano", "max_tokens": 1, "temperature": 0, "messages": [{"role": "user", "content": f"Say a word {i}."}]}
+            start = time.perf_counter()
+            response = client.post(f"{url}/v1/chat/completions", json=body)
+            e2e = time.perf_counter() - start
+            engine_ms = response.json()["timings"]["stages_ms"]["engine"]
+            if i >= 20:  # warm-up excluded
+                gaps.append(e2e * 1000 - engine_ms)
+    gaps.sort()
+    return {"requests": n, "overhead_p50_ms": round(statistics.median(gaps), 3), "overhead_p90_ms": round(gaps[int(0.9 * len(gaps))], 3)}
+
+
+def ttft(client: httpx.Client, url: str, image: str, question: str) -> float:
+    body = {"model": "nano", "max_tokens": 4, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": question}]}]}  # fmt: skip
+    start = time.perf_counter()
+    with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line:
+                return time.perf_counter() - start
+            if line.startswith("data: ") and '"finish_reason":"' in line:
+                return time.perf_counter() - start
+    raise RuntimeError("no token")
+
+
+def cache_ttft(url: str, repeats: int = 3) -> dict:
+    firsts, seconds = [], []
+    with httpx.Client(timeout=120) as client:
+        for seed in range(repeats):
+            image = photo_jpeg(seed=seed)
+            firsts.append(ttft(client, url, image, "What colour is the shape?"))
+            seconds.append(ttft(client, url, image, "What shape is it?"))
+    first, second = statistics.median(firsts), statistics.median(seconds)
+    return {"image": "4032x3024 JPEG", "ttft_first_ms": round(first * 1000, 1), "ttft_second_ms": round(second * 1000, 1), "ratio": round(second / first, 3)}
+
+
+async def throughput(url: str, requests: list[dict], concurrency: int) -> float:
+    gate = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=64)) as client:
+
+        async def one(body: dict) -> int:
+            async with gate:
+                response = await client.post(f"{url}/v1/chat/completions", json=body)
+                return response.json()["usage"]["completion_tokens"]
+
+        start = time.perf_counter()
+        tokens = sum(await asyncio.gather(*[one(b) for b in requests]))
+        return tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(port)
+    try:
+        results = {"overhead": overhead(url), "preprocess_cache": cache_ttft(url)}
+        bodies = []
+        for i, sample in enumerate(generate(32, seed=77)):
+            parts = [{"type": "image_url", "image_url": {"url": png_url(im)}} for im in sample.images]
+            bodies.append({"model": "nano", "max_tokens": 32, "temperature": 0, "ignore_eos": True, "seed": i,
+                           "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": sample.question}]}]})  # fmt: skip
+        asyncio.run(throughput(url, bodies[:16], 16))  # warm-up
+        one = asyncio.run(throughput(url, [{**b, "seed": b["seed"] + 1000} for b in bodies], 1))
+        sixteen = asyncio.run(throughput(url, [{**b, "seed": b["seed"] + 2000} for b in bodies], 16))
+        results["throughput"] = {"tokens_per_s_1": round(one, 1), "tokens_per_s_16": round(sixteen, 1), "ratio": round(sixteen / one, 2)}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    o, c, t = results["overhead"], results["preprocess_cache"], results["throughput"]
+    print(f"server overhead (e2e - engine): p50 {o['overhead_p50_ms']} ms, p90 {o['overhead_p90_ms']} ms   [goal p50 <= 2 ms]")
+    print(f"4032x3024 JPEG TTFT: first {c['ttft_first_ms']} ms, second {c['ttft_second_ms']} ms, ratio {c['ratio']}   [goal <= 0.3]")
+    print(f"throughput: 1 at a time {t['tokens_per_s_1']} tok/s, 16 at a time {t['tokens_per_s_16']} tok/s, ratio {t['ratio']}x   [goal >= 5x]")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
