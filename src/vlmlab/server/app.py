@@ -189,7 +189,7 @@ def check_model(body: ChatCompletionRequest, service: ChatService) -> None:
         raise NotFoundError(f"The model {body.model!r} does not exist; this server serves {served!r}", param="model")
 
 
-async def respond(request: Request, service: ChatService, first: Any, items: AsyncIterator[Any]) -> JSONResponse:
+async def respond(request: Request, service: ChatService, first: Any, items: AsyncIterator[Any]) -> Response:
     """Drain the generation; cancel it when the client disconnects before the answer."""
 
     async def drain() -> GenerationResult:
@@ -213,7 +213,7 @@ async def respond(request: Request, service: ChatService, first: Any, items: Asy
             task.cancel()
     await items.aclose()
     body = ChatCompletionResponse.from_result(result, model=service.settings.model_name)
-    return JSONResponse(body.model_dump())
+    return Response(body.model_dump_json(), media_type="application/json")
 
 
 async def sse(body: ChatCompletionRequest, service: ChatService, first: Any, items: AsyncIterator[Any]) -> AsyncIterator[str]:

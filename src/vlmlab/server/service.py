@@ -57,11 +57,17 @@ def media_policy(settings: ServerSettings) -> MediaPolicy:
 
 
 async def _before(deadline: float, awaitable: Any, limit_s: float) -> Any:
-    """Await ``awaitable`` unless ``deadline`` (perf_counter time) passes first: then 504."""
+    """Await ``awaitable`` unless ``deadline`` (``time.perf_counter`` time) passes first: 504.
+
+    Uses ``asyncio.timeout`` (Python >= 3.11, no extra task per awaited item), else ``wait_for``.
+    """
     remaining = deadline - time.perf_counter()
     try:
         if remaining <= 0:
             raise TimeoutError
+        if hasattr(asyncio, "timeout"):
+            async with asyncio.timeout(remaining):
+                return await awaitable
         return await asyncio.wait_for(awaitable, remaining)
     except TimeoutError:
         if asyncio.iscoroutine(awaitable):

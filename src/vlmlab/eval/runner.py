@@ -1,0 +1,260 @@
+"""``vlmlab eval``: run models over benchmarks, crash-safe and resumable.
+
+Each answered sample is one JSON line appended to ``<output-dir>/<model>/<dataset>.jsonl`` and
+flushed to disk at once, keyed by a hash of everything that decides the answer (dataset and its
+revision, sample id, model, rendered prompt, image preprocessing options, generation
+parameters). A restarted run reads the keys already there, skips them, and fills only the
+misses, so a run killed at any point ends with exactly the results of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlmlab.cache import content_key
+from vlmlab.config import EngineSpec
+from vlmlab.engines import Engine, GenerationRequest, complete, load_engine
+from vlmlab.eval.types import DatasetSpec, EvalSample
+from vlmlab.protocol.core import Chat, ImageData, ImagePart, Message, SamplingParams
+from vlmlab.protocol.errors import ConfigError, VlmlabError
+
+logger = logging.getLogger(__name__)
+IMAGE_MARK = "<image>"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One ``vlmlab eval`` invocation: every model x every dataset."""
+
+    models: tuple[str, ...]
+    datasets: tuple[str, ...]
+    output_dir: Path
+    engine: str = "hf"
+    base_url: str | None = None
+    api_key: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    batch_size: int = 8
+    concurrency: int | None = None
+    limit: int | None = None
+    max_tokens: int | None = None
+    seed: int = 0
+    prompt_profile: str = "default"
+    metric_mode: str | None = None
+    data_dir: Path | None = None
+    processor_options: Mapping[str, Any] = field(default_factory=dict)
+    progress: bool = True
+
+    def engine_spec(self, model: str) -> EngineSpec:
+        extra: dict[str, Any] = {}
+        if self.base_url:
+            extra["base_url"] = self.base_url
+        if self.api_key:
+            extra["api_key"] = self.api_key
+        return EngineSpec(
+            model=model,
+            engine=self.engine,
+            device=self.device,  # type: ignore[arg-type]
+            dtype=self.dtype,  # type: ignore[arg-type]
+            trust_remote_code=self.trust_remote_code,
+            max_batch_size=self.batch_size,
+            processor_options=dict(self.processor_options),
+            extra=extra,
+        )
+
+
+def model_slug(model: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in model.strip("/"))[:120]
+
+
+def image_digest(image: Any) -> str:
+    """Content hash of decoded pixels (mode, size and bytes): identical images, identical keys."""
+    digest = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def build_chat(spec: DatasetSpec, sample: EvalSample, profile: str) -> tuple[Chat, str, list[str]]:
+    """The chat for a sample under a prompt profile, its rendered text (images as ``<image>``)
+    and the image digests, in prompt order."""
+    builder = spec.prompts.get(profile)
+    if builder is None:
+        raise ConfigError(
+            f"dataset {spec.key!r} has no prompt profile {profile!r}. Profiles: {', '.join(spec.prompts) or 'none'}"
+        )
+    pieces = builder(sample)
+    parts: list[Any] = []
+    rendered: list[str] = []
+    digests: list[str] = []
+    for piece in pieces:
+        if isinstance(piece, int):
+            image = sample.images[piece]
+            digest = image_digest(image)
+            digests.append(digest)
+            parts.append(ImagePart(ref=f"{spec.key}/{sample.id}/{piece}", data=ImageData(image, image.width, image.height, "PIL", digest, 0)))
+            rendered.append(IMAGE_MARK)
+        else:
+            parts.append(piece)
+            rendered.append(piece)
+    messages = [Message.of("user", *parts)]
+    if spec.system_prompt:
+        messages.insert(0, Message.of("system", spec.system_prompt))
+        rendered.insert(0, f"[system] {spec.system_prompt}\n")
+    return Chat(tuple(messages)), "".join(rendered), digests
+
+
+def jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+class ResultsFile:
+    """Append-only JSONL of sample results; tolerates a torn last line from a killed run."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.records: dict[str, dict[str, Any]] = {}
+        if path.exists():
+            self._read()
+        self._handle = path.open("a", encoding="utf-8")
+
+    def _read(self) -> None:
+        good_bytes = 0
+        with self.path.open("rb") as f:
+            for raw in f:
+                if not raw.endswith(b"\n"):
+                    break  # a line cut by a crash: dropped and rewritten on resume
+                try:
+                    record = json.loads(raw)
+                except json.JSONDecodeError:
+                    break
+                self.records.setdefault(record["key"], record)
+                good_bytes += len(raw)
+        if good_bytes != self.path.stat().st_size:
+            logger.warning("%s: dropping a torn last line left by an interrupted run", self.path)
+            with self.path.open("r+b") as f:
+                f.truncate(good_bytes)
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self.records[record["key"]] = record
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+@dataclass
+class DatasetRun:
+    """What one (model, dataset) pair produced."""
+
+    model: str
+    dataset: str
+    path: Path
+    done_before: int = 0
+    answered: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+async def run_dataset(
+    engine: Engine,
+    model: str,
+    spec: DatasetSpec,
+    samples: Iterable[EvalSample],
+    info: Mapping[str, Any],
+    config: EvalConfig,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> DatasetRun:
+    """Answer every sample not yet in the results file; returns counts."""
+    path = Path(config.output_dir) / model_slug(model) / f"{spec.key}.jsonl"
+    results = ResultsFile(path)
+    run = DatasetRun(model, spec.key, path, done_before=len(results.records), info=dict(info))
+    engine_info = engine.info()
+    max_tokens = config.max_tokens or spec.max_tokens
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=config.seed)
+    gate = asyncio.Semaphore(config.concurrency or max(1, config.batch_size * 2))
+    start = time.perf_counter()
+
+    async def answer(sample: EvalSample, chat: Chat, rendered: str, key: str) -> None:
+        try:
+            try:
+                result = await complete(engine, GenerationRequest(chat, sampling, dict(config.processor_options)))
+                prediction, error = result.text, None
+                usage = {"prompt_tokens": result.prompt_tokens, "image_tokens": result.image_tokens, "completion_tokens": result.completion_tokens}
+                timing = {"ttft_s": result.timings.ttft_s, "total_s": result.timings.total_s}
+                finish = result.finish_reason
+            except VlmlabError as exc:  # recorded, never silently dropped: the summary counts it
+                prediction, error, usage, timing, finish = "", exc.message, {}, {}, "error"
+                run.errors += 1
+        finally:
+            gate.release()
+        record = {
+            "key": key,
+            "dataset": spec.key,
+            "sample_id": sample.id,
+            "model": model,
+            "engine": engine_info.engine,
+            "prompt_profile": config.prompt_profile,
+            "prompt": rendered,
+            "image_sizes": [[im.width, im.height] for im in sample.images],
+            "answers": jsonable(sample.answers),
+            "fields": jsonable(sample.fields),
+            "prediction": prediction,
+            "finish_reason": finish,
+            "error": error,
+            "usage": usage,
+            "timings": timing,
+            "generation": asdict(sampling),
+        }
+        results.append(record)
+        run.answered += 1
+        if on_result:
+            on_result(record)
+
+    pending: set[asyncio.Task[None]] = set()
+    try:
+        # Samples are read lazily and at most `gate` of them are in flight, so a 5,000-image
+        # dataset never sits in memory at once.
+        for sample in samples:
+            chat, rendered, digests = build_chat(spec, sample, config.prompt_profile)
+            key = content_key(
+                spec.key, info.get("revision"), sample.id, engine_info.engine, engine_info.model,
+                rendered, digests, dict(config.processor_options), asdict(sampling),
+            )  # fmt: skip
+            if key in results.records:
+                continue
+            await gate.acquire()
+            task = asyncio.create_task(answer(sample, chat, rendered, key))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        if pending:
+            await asyncio.gather(*pending)
+    finally:
+        for task in pending:
+            task.cancel()
+        results.close()
+    run.seconds = time.perf_counter() - start
+    return run
+
+
+def load_model(config: EvalConfig, model: str) -> Engine:
+    return load_engine(config.engine_spec(model))
