@@ -41,6 +41,15 @@ def parse_options(pairs: list[str] | None) -> dict[str, str]:
     return options
 
 
+def remote_extra(base_url: str | None, api_key: str | None, base: Any = None) -> dict[str, Any] | None:
+    """``EngineSpec.extra`` for the remote engine: ``--base-url`` / ``--remote-api-key`` over a
+    config file's ``extra`` (``base``); ``None`` when neither flag is given."""
+    flags = {k: v for k, v in (("base_url", base_url), ("api_key", api_key)) if v}
+    if not flags:
+        return None
+    return {**(base if isinstance(base, dict) else {}), **flags}
+
+
 def image_sizes(images: list[str]) -> list[tuple[int, int]]:
     """Each ``--image`` is ``WIDTHxHEIGHT`` or a file / URL whose header gives the size."""
     from vlmlab.plan import parse_size
@@ -173,7 +182,9 @@ def chat(
     question: Annotated[str, typer.Argument(help="The question about the image(s).")],
     image: Annotated[list[str] | None, typer.Option("--image", "-i", help="Image path or URL. Repeatable.")] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="nano, a family preset, a hub id or a path.")] = "nano",
-    engine: Annotated[str, typer.Option(help="Backend: hf.")] = "hf",
+    engine: Annotated[str, typer.Option(help="Backend: hf or remote (an OpenAI-compatible server).")] = "hf",
+    base_url: Annotated[str | None, typer.Option(help="remote engine: server URL, e.g. http://host:8000/v1.")] = None,
+    remote_api_key: Annotated[str | None, typer.Option(envvar="VLMLAB_REMOTE_API_KEY", help="remote engine: API key (default: MISTRAL_API_KEY / OPENAI_API_KEY for their URLs).")] = None,
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 256,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option()] = 1.0,
@@ -197,6 +208,7 @@ def chat(
         dtype=dtype,  # type: ignore[arg-type]
         trust_remote_code=trust_remote_code,
         processor_options=parse_options(opt),
+        extra=remote_extra(base_url, remote_api_key) or {},
     )
     sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
@@ -217,6 +229,8 @@ def serve(
     model: Annotated[str | None, typer.Option("--model", "-m", help="nano, a family preset, hub id or path.")] = None,
     engine: Annotated[str | None, typer.Option(help="Engine or fallback chain, e.g. vllm,hf.")] = None,
     config: Annotated[str | None, typer.Option(help="YAML/JSON config file or preset name.")] = None,
+    base_url: Annotated[str | None, typer.Option(help="remote engine: upstream URL, e.g. http://host:8000/v1.")] = None,
+    remote_api_key: Annotated[str | None, typer.Option(envvar="VLMLAB_REMOTE_API_KEY", help="remote engine: upstream API key.")] = None,
     host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="VLMLAB_API_KEY", help="Require 'Authorization: Bearer KEY'.")] = None,
@@ -245,8 +259,10 @@ def serve(
     from vlmlab.config import read_config_file, server_settings
     from vlmlab.server import create_app
 
+    file_settings = read_config_file(config) if config else None
     settings = server_settings(
-        read_config_file(config) if config else None,
+        file_settings,
+        extra=remote_extra(base_url, remote_api_key, (file_settings or {}).get("extra")),
         model=model, engine=engine, host=host, port=port, api_key=api_key,
         allowed_local_media_path=allowed_local_media_path, allowed_media_domains=allowed_media_domains,
         served_model_name=served_model_name, device=device, dtype=dtype,
@@ -259,6 +275,41 @@ def serve(
     logging.getLogger("vlmlab").setLevel(log_level.upper())
     console.print(f"[bold]vlmlab serve[/bold] {settings.model_name} on http://{settings.host}:{settings.port}/v1")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level.lower())
+
+
+@app.command("test-model")
+def test_model_command(
+    model: Annotated[str, typer.Argument(help="nano, a family preset, a hub id or a path.")] = "nano",
+    engine: Annotated[str, typer.Option(help="Backend.")] = "hf",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    trust_remote_code: Annotated[bool, typer.Option()] = False,
+    max_tokens: Annotated[int, typer.Option()] = 16,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Check a model end to end: load, one answer per task type, streaming, multi-image, usage."""
+    from vlmlab.config import EngineSpec
+    from vlmlab.testing import test_model
+
+    spec = EngineSpec(model=model, engine=engine, device=device, trust_remote_code=trust_remote_code)  # type: ignore[arg-type]
+    report = test_model(spec, max_tokens=max_tokens)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        table = Table(title=f"vlmlab test-model {model} ({report.family or 'unknown family'})")
+        for column in ("check", "result", "detail", "s"):
+            table.add_column(column)
+        for check in report.checks:
+            mark = "[green]pass[/green]" if check.passed else "[red]FAIL[/red]"
+            table.add_row(check.name, mark, check.detail, f"{check.seconds:.2f}")
+        console.print(table)
+        answers = Table(title="answers")
+        for column in ("task", "question", "answer", "expected"):
+            answers.add_column(column)
+        for row in report.answers:
+            answers.add_row(row["task"], row["question"], repr(row["answer"]), row["expected"] + (" ✓" if row["correct"] else ""))
+        console.print(answers)
+    if not report.passed:
+        raise typer.Exit(1)
 
 
 nano_app = typer.Typer(help="The embedded nano model: train it, evaluate it.", no_args_is_help=True)
