@@ -7,14 +7,18 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install lint clean
+.PHONY: run test install lint clean chromium
 
 run: $(STAMP)
 	$(BIN)/vlmlab serve
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/lint-imports
 	$(BIN)/pytest -q
+
+# HTML reports are checked in headless Chromium (Debian's package).
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
 install: $(STAMP)
 

@@ -312,6 +312,78 @@ def test_model_command(
         raise typer.Exit(1)
 
 
+@app.command()
+def compare(
+    models: Annotated[str, typer.Option(help="Comma-separated: nano, presets, hub ids, paths, URL#model.")],
+    image: Annotated[list[str] | None, typer.Option("--image", "-i", help="Image for --question. Repeatable.")] = None,
+    question: Annotated[str | None, typer.Option(help="One question about the --image(s).")] = None,
+    questions_file: Annotated[Path | None, typer.Option(help="JSONL: images, question, expected.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Take questions (and answers) from a dataset, e.g. synth.")] = None,
+    limit: Annotated[int, typer.Option(help="Questions from --dataset.")] = 20,
+    max_tokens: Annotated[int, typer.Option()] = 64,
+    output_dir: Annotated[Path, typer.Option(help="Where answers.json and report.html go.")] = Path("compare-out"),
+    device: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """Same questions, several models: answers, latency, TTFT, image tokens, memory side by side."""
+    from vlmlab.compare import load_questions, run_compare, summarize, write_outputs
+
+    questions = load_questions(image or [], question, questions_file, dataset, limit)
+    answers = run_compare([m for m in models.split(",") if m.strip()], questions, max_tokens, device=device)
+    path = write_outputs(answers, questions, output_dir, "vlmlab compare")
+    _print_summary(summarize(answers), "model")
+    console.print(f"report: {path}")
+
+
+@app.command()
+def sweep(
+    model: Annotated[str, typer.Option("--model", "-m")] = "nano",
+    image: Annotated[list[str] | None, typer.Option("--image", "-i")] = None,
+    question: Annotated[str | None, typer.Option()] = None,
+    questions_file: Annotated[Path | None, typer.Option()] = None,
+    dataset: Annotated[str | None, typer.Option(help="Questions with answers for accuracy, e.g. synth.")] = None,
+    limit: Annotated[int, typer.Option()] = 20,
+    resolutions: Annotated[str | None, typer.Option(help="Longest sides, e.g. 224,336,512,1024.")] = None,
+    images_per_prompt: Annotated[str | None, typer.Option(help="Image counts, e.g. 1,2,3.")] = None,
+    max_tokens: Annotated[int, typer.Option()] = 64,
+    output_dir: Annotated[Path, typer.Option()] = Path("sweep-out"),
+    device: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """How resolution (or the number of images) changes answers, accuracy, tokens and latency."""
+    from vlmlab.compare import load_questions, run_sweep, summarize, write_outputs
+
+    def ints(text: str | None) -> list[int]:
+        try:
+            return [int(x) for x in text.split(",") if x.strip()] if text else []
+        except ValueError:
+            raise ConfigError(f"expected comma-separated integers, got {text!r}") from None
+
+    sides, counts = ints(resolutions), ints(images_per_prompt)
+    if not sides and not counts:
+        raise ConfigError("give --resolutions 224,336,512 and/or --images-per-prompt 1,2,3")
+    questions = load_questions(image or [], question, questions_file, dataset, limit)
+    answers = run_sweep(model, questions, sides, counts, max_tokens, device=device)
+    by = "resolution" if sides else "images_per_prompt"
+    path = write_outputs(answers, questions, output_dir, f"vlmlab sweep: {model}", by=by)
+    _print_summary(summarize(answers, by), by)
+    console.print(f"report: {path}")
+
+
+def _print_summary(rows: list[dict[str, Any]], key: str) -> None:
+    table = Table()
+    for column in (key, "questions", "errors", "accuracy", "latency ms", "TTFT ms", "image tokens", "peak mem"):
+        table.add_column(column)
+    for row in rows:
+        def fmt(value: Any, scale: float = 1.0, digits: int = 1) -> str:
+            return "-" if value is None else f"{value * scale:.{digits}f}"
+
+        table.add_row(
+            str(row[key]), str(row["questions"]), str(row["errors"]), fmt(row["accuracy"], 1, 3),
+            fmt(row["mean_latency_s"], 1000), fmt(row["mean_ttft_s"], 1000), fmt(row["mean_image_tokens"], 1, 0),
+            "-" if not row["peak_memory_bytes"] else f"{row['peak_memory_bytes'] / 2**20:.0f} MiB",
+        )  # fmt: skip
+    console.print(table)
+
+
 nano_app = typer.Typer(help="The embedded nano model: train it, evaluate it.", no_args_is_help=True)
 app.add_typer(nano_app, name="nano")
 

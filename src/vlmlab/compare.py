@@ -1,0 +1,287 @@
+"""``vlmlab compare`` and ``vlmlab sweep``: the same questions to several models, or to one model
+at several resolutions / image counts, side by side.
+
+Models are local engines (``nano``, a preset, a hub id or a path, optionally ``hf:`` /
+``vllm:`` prefixed) or remote OpenAI-compatible endpoints written ``URL#model`` (e.g.
+``http://gpu1:8000/v1#mistralai/Pixtral-12B-2409``), so Pixtral on one vLLM server and
+Phi-3.5-vision on another compare in one command. Every model answers greedily with the same
+prompts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlmlab.config import EngineSpec
+from vlmlab.engines import Engine, GenerationRequest, complete, load_engine
+from vlmlab.protocol.core import Chat, ImageData, ImagePart, SamplingParams
+from vlmlab.protocol.errors import ConfigError, VlmlabError
+
+
+@dataclass(frozen=True)
+class Question:
+    """Images + a question (+ the expected answer when it comes from a dataset)."""
+
+    images: tuple[Any, ...]
+    question: str
+    expected: str | None = None
+    label: str = ""
+
+
+@dataclass
+class Answer:
+    model: str
+    question: str
+    label: str
+    answer: str
+    expected: str | None
+    correct: bool | None
+    latency_s: float | None
+    ttft_s: float | None
+    tokens_per_s: float | None
+    prompt_tokens: int
+    image_tokens: int
+    completion_tokens: int
+    peak_memory_bytes: int | None
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_target(text: str, **defaults: Any) -> tuple[str, EngineSpec]:
+    """``URL#model`` -> remote engine; ``engine:model`` -> that engine; else hf. Returns (label, spec)."""
+    text = text.strip()
+    if text.startswith(("http://", "https://")):
+        url, _, model = text.partition("#")
+        return text, EngineSpec(model=model or "default", engine="remote", extra={"base_url": url})
+    engine, sep, model = text.partition(":")
+    if sep and engine in ("hf", "vllm", "mlx", "remote", "transformers") and model:
+        return text, EngineSpec(model=model, engine=engine, **defaults)
+    return text, EngineSpec(model=text, **defaults)
+
+
+def image_part(image: Any, label: str) -> ImagePart:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return ImagePart(ref=label, data=ImageData(image, image.width, image.height, "PNG", hashlib.sha256(buf.getvalue()).hexdigest(), buf.tell()))
+
+
+def normalise(text: str) -> str:
+    return text.strip().strip(".").strip().lower()
+
+
+async def ask_all(engine: Engine, label: str, questions: Sequence[Question], max_tokens: int, warm_up: bool = True) -> list[Answer]:
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0)
+    if warm_up and questions:  # first-call costs (allocations, lazy imports) are not the model's
+        q = questions[0]
+        await complete(engine, GenerationRequest(Chat.single(q.question, [image_part(im, "warm-up") for im in q.images]), sampling))
+    answers = []
+    for index, q in enumerate(questions):  # one at a time: latencies are not mixed by batching
+        parts = [image_part(im, f"{q.label or index}-{k}") for k, im in enumerate(q.images)]
+        try:
+            result = await complete(engine, GenerationRequest(Chat.single(q.question, parts), sampling))
+        except VlmlabError as exc:
+            answers.append(Answer(label, q.question, q.label, "", q.expected, None if q.expected is None else False, None, None, None, 0, 0, 0, None, exc.message))
+            continue
+        t = result.timings
+        answers.append(
+            Answer(
+                model=label,
+                question=q.question,
+                label=q.label,
+                answer=result.text,
+                expected=q.expected,
+                correct=None if q.expected is None else normalise(result.text) == normalise(q.expected),
+                latency_s=t.total_s,
+                ttft_s=t.ttft_s,
+                tokens_per_s=t.decode_tokens_per_s(result.completion_tokens),
+                prompt_tokens=result.prompt_tokens,
+                image_tokens=result.image_tokens,
+                completion_tokens=result.completion_tokens,
+                peak_memory_bytes=t.peak_memory_bytes,
+            )
+        )
+    return answers
+
+
+def run_compare(targets: Sequence[str], questions: Sequence[Question], max_tokens: int = 64, **engine_defaults: Any) -> list[Answer]:
+    """Every model answers every question; models are loaded one at a time (memory)."""
+    if not targets:
+        raise ConfigError("give at least one model: --models nano,<another>")
+    if not questions:
+        raise ConfigError("give a question (--question with --image, --questions-file, or --dataset)")
+    answers: list[Answer] = []
+    for target in targets:
+        label, spec = parse_target(target, **engine_defaults)
+        engine = load_engine(spec)
+        try:
+            answers += asyncio.run(ask_all(engine, label, questions, max_tokens))
+        finally:
+            engine.close()
+    return answers
+
+
+def resize_longest(image: Any, side: int) -> Any:
+    from PIL import Image
+
+    scale = side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def run_sweep(target: str, questions: Sequence[Question], resolutions: Sequence[int] = (), images_per_prompt: Sequence[int] = (), max_tokens: int = 64, **engine_defaults: Any) -> list[Answer]:
+    """One model; each question at each longest-side resolution and/or with 1..k images."""
+    label, spec = parse_target(target, **engine_defaults)
+    engine = load_engine(spec)
+    answers: list[Answer] = []
+    try:
+        for side in resolutions:
+            scaled = [Question(tuple(resize_longest(im, side) for im in q.images), q.question, q.expected, q.label) for q in questions]
+            for answer in asyncio.run(ask_all(engine, label, scaled, max_tokens)):
+                answer.extra["resolution"] = side
+                answers.append(answer)
+        for count in images_per_prompt:
+            pool = [im for q in questions for im in q.images]
+            multi = [Question(tuple(pool[(i + k) % len(pool)] for k in range(count)), q.question, q.expected, q.label) for i, q in enumerate(questions)]
+            for answer in asyncio.run(ask_all(engine, label, multi, max_tokens)):
+                answer.extra["images_per_prompt"] = count
+                answers.append(answer)
+    finally:
+        engine.close()
+    return answers
+
+
+def summarize(answers: Sequence[Answer], by: str = "model") -> list[dict[str, Any]]:
+    """Per model (or per ``resolution`` / ``images_per_prompt``): accuracy, latency, tokens."""
+    groups: dict[Any, list[Answer]] = {}
+    for a in answers:
+        key = a.model if by == "model" else a.extra.get(by)
+        groups.setdefault(key, []).append(a)
+    rows = []
+    for key, items in groups.items():
+        ok = [a for a in items if a.error is None]
+        graded = [a for a in ok if a.correct is not None]
+
+        def mean(values: list[float | None]) -> float | None:
+            values = [v for v in values if v is not None]
+            return sum(values) / len(values) if values else None
+
+        rows.append(
+            {
+                by: key,
+                "questions": len(items),
+                "errors": len(items) - len(ok),
+                "accuracy": (sum(bool(a.correct) for a in graded) / len(graded)) if graded else None,
+                "mean_latency_s": mean([a.latency_s for a in ok]),
+                "mean_ttft_s": mean([a.ttft_s for a in ok]),
+                "mean_image_tokens": mean([float(a.image_tokens) for a in ok]),
+                "peak_memory_bytes": max((a.peak_memory_bytes or 0 for a in ok), default=None),
+            }
+        )
+    return rows
+
+
+def write_outputs(answers: Sequence[Answer], questions: Sequence[Question], out_dir: Path, title: str, by: str = "model") -> Path:
+    """``answers.json`` and ``report.html`` (thumbnails, side-by-side answers, plots for sweeps)."""
+    from vlmlab import htmlpage as h
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(answers, by)
+    (out_dir / "answers.json").write_text(json.dumps({"summary": summary, "answers": [asdict(a) for a in answers]}, indent=2))
+    thumbs = {q.label or q.question: [h.png_data_url(im) for im in q.images] for q in questions}
+    columns = sorted({a.model if by == "model" else str(a.extra.get(by)) for a in answers}, key=lambda c: (len(c), c)) if by != "model" else list(dict.fromkeys(a.model for a in answers))
+    grid: dict[str, dict[str, Answer]] = {}
+    for a in answers:
+        column = a.model if by == "model" else str(a.extra.get(by))
+        grid.setdefault(a.label or a.question, {})[column] = a
+
+    def cell(a: Answer | None) -> h.Raw:
+        if a is None:
+            return h.Raw("")
+        if a.error:
+            return h.Raw(f'<span class="bad">{h.escape(a.error)}</span>')
+        mark = "" if a.correct is None else (' <span class="ok">✓</span>' if a.correct else ' <span class="bad">✗</span>')
+        timing = f"{(a.latency_s or 0) * 1000:.0f} ms · {a.image_tokens} img tok"
+        return h.Raw(f"{h.escape(a.answer)}{mark}<br><span class=\"muted\">{timing}</span>")
+
+    rows = []
+    for key, by_column in grid.items():
+        first = next(iter(by_column.values()))
+        images = h.Raw("".join(h.img(src, key).html for src in thumbs.get(key, [])))
+        expected = first.expected if first.expected is not None else ""
+        rows.append([images, first.question, expected, *[cell(by_column.get(c)) for c in columns]])
+    sections = [
+        "<h2>Summary</h2>",
+        h.table(list(summary[0].keys()) if summary else [], [[_fmt(v) for v in r.values()] for r in summary], numeric=range(1, 8)),
+        "<h2>Answers</h2>",
+        h.table(["image(s)", "question", "expected", *columns], rows),
+    ]
+    if by != "model" and summary:
+        sections += ["<h2>Plot</h2>", h.img(h.figure_data_url(_sweep_figure(summary, by)), f"{by} plot", "plot").html]
+    path = out_dir / "report.html"
+    path.write_text(h.page(title, sections))
+    return path
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def _sweep_figure(summary: list[dict[str, Any]], by: str) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r[by] for r in summary]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    axes[0].plot(xs, [r["mean_image_tokens"] or 0 for r in summary], marker="o")
+    axes[0].set_title("image tokens")
+    axes[1].plot(xs, [(r["mean_latency_s"] or 0) * 1000 for r in summary], marker="o")
+    axes[1].set_title("latency (ms)")
+    axes[2].plot(xs, [r["accuracy"] if r["accuracy"] is not None else float("nan") for r in summary], marker="o")
+    axes[2].set_title("accuracy")
+    for axis in axes:
+        axis.set_xlabel(by)
+    return fig
+
+
+def load_questions(images: Sequence[str] = (), question: str | None = None, questions_file: Path | None = None, dataset: str | None = None, limit: int = 20, seed: int = 0) -> list[Question]:
+    """Questions from ``--image``/``--question``, a JSONL file (``images``, ``question``,
+    optional ``expected``; image paths relative to the file) or a dataset (``synth``: the nano
+    tasks; other eval datasets through ``vlmlab.eval.datasets``)."""
+    from vlmlab.media import MediaPolicy, load_image
+
+    policy = MediaPolicy(allowed_local_root=Path("/"))
+    out: list[Question] = []
+    if question:
+        out.append(Question(tuple(load_image(ref, policy).image for ref in images), question, label="q0"))
+    if questions_file:
+        base = Path(questions_file).parent
+        for n, line in enumerate(Path(questions_file).read_text().splitlines()):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            refs = [r if "://" in r or Path(r).is_absolute() else str(base / r) for r in row.get("images", [])]
+            out.append(Question(tuple(load_image(r, policy).image for r in refs), row["question"], row.get("expected"), row.get("label", f"f{n}")))
+    if dataset:
+        if dataset != "synth":
+            from vlmlab.eval.datasets import get_dataset, load_samples
+
+            samples, _ = load_samples(get_dataset(dataset), limit=limit)
+            for sample in samples:
+                out.append(Question(tuple(sample.images), sample.question, sample.answers[0] if sample.answers else None, f"{dataset}/{sample.id}"))
+        else:
+            from vlmlab.nano.tasks import generate
+
+            for sample in generate(limit, seed=seed):
+                out.append(Question(tuple(sample.images), sample.question, sample.answer, f"synth/{sample.id}"))
+    return out
