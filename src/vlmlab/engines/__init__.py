@@ -19,6 +19,7 @@ from vlmlab.registry import Registry
 
 ENGINES: Registry[type[Engine]] = Registry("engine")
 ENGINES.register("hf", "vlmlab.engines.hf:HFEngine", aliases=("transformers",))
+ENGINES.register("remote", "vlmlab.engines.remote:RemoteEngine", aliases=("openai", "openai-compatible"))
 
 
 def load_engine(spec: EngineSpec) -> Engine:
