@@ -236,6 +236,7 @@ def serve(
     api_key: Annotated[str | None, typer.Option(envvar="VLMLAB_API_KEY", help="Require 'Authorization: Bearer KEY'.")] = None,
     allowed_local_media_path: Annotated[str | None, typer.Option(help="Directory file:// images may come from.")] = None,
     allowed_media_domains: Annotated[str | None, typer.Option(help="Comma-separated http(s) host allow-list.")] = None,
+    trusted_media_hosts: Annotated[str | None, typer.Option(help="Comma-separated hosts exempt from the private-address guard (e.g. a local image server).")] = None,
     served_model_name: Annotated[str | None, typer.Option(help="Model id clients send.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps.")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto, bf16, fp16 or fp32.")] = None,
@@ -265,6 +266,7 @@ def serve(
         extra=remote_extra(base_url, remote_api_key, (file_settings or {}).get("extra")),
         model=model, engine=engine, host=host, port=port, api_key=api_key,
         allowed_local_media_path=allowed_local_media_path, allowed_media_domains=allowed_media_domains,
+        trusted_media_hosts=trusted_media_hosts,
         served_model_name=served_model_name, device=device, dtype=dtype,
         trust_remote_code=trust_remote_code, max_model_len=max_model_len,
         max_batch_size=max_batch_size, max_images=max_images, max_image_bytes=max_image_bytes,
@@ -382,6 +384,58 @@ def _print_summary(rows: list[dict[str, Any]], key: str) -> None:
             "-" if not row["peak_memory_bytes"] else f"{row['peak_memory_bytes'] / 2**20:.0f} MiB",
         )  # fmt: skip
     console.print(table)
+
+
+@app.command("eval")
+def eval_command(
+    model: Annotated[list[str], typer.Option("--model", "-m", help="Model(s): nano, preset, hub id, path. Repeatable or comma-separated.")],
+    dataset: Annotated[list[str], typer.Option("--dataset", "-d", help="Dataset key(s), e.g. synth, chartqa_test_human.")],
+    output_dir: Annotated[Path, typer.Option(help="Results folder (resumes what is already there).")] = Path("outputs/vlm_results"),
+    engine: Annotated[str, typer.Option(help="hf, vllm, mlx or remote.")] = "hf",
+    base_url: Annotated[str | None, typer.Option(help="For --engine remote.")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="VLMLAB_REMOTE_API_KEY")] = None,
+    batch_size: Annotated[int, typer.Option(help="Requests the engine decodes together.")] = 8,
+    concurrency: Annotated[int | None, typer.Option(help="Requests in flight (default 2 x batch size).")] = None,
+    limit: Annotated[int | None, typer.Option(help="First K samples of each dataset.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Override the dataset's generation budget.")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    prompt_profile: Annotated[str, typer.Option(help="default, vlmevalkit, mistral or damqa.")] = "default",
+    metric_mode: Annotated[str | None, typer.Option(help="official, lmms-eval, vlmevalkit, mistral, ...")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Local copies instead of the Hugging Face Hub.")] = None,
+    device: Annotated[str, typer.Option()] = "auto",
+    dtype: Annotated[str, typer.Option()] = "auto",
+    trust_remote_code: Annotated[bool, typer.Option()] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Score models on benchmarks; crash-safe (one JSON line per sample) and resumable."""
+    from vlmlab.eval.runner import EvalConfig, run_eval
+    from vlmlab.eval.scoring import markdown_table
+
+    def split(values: list[str]) -> tuple[str, ...]:
+        return tuple(v.strip() for item in values for v in item.split(",") if v.strip())
+
+    config = EvalConfig(
+        models=split(model), datasets=split(dataset), output_dir=output_dir, engine=engine,
+        base_url=base_url, api_key=api_key, device=device, dtype=dtype,
+        trust_remote_code=trust_remote_code, batch_size=batch_size, concurrency=concurrency,
+        limit=limit, max_tokens=max_tokens, seed=seed, prompt_profile=prompt_profile,
+        metric_mode=metric_mode, data_dir=data_dir, progress=progress,
+    )  # fmt: skip
+    summaries = run_eval(config)
+    console.print(markdown_table(summaries))
+    console.print(f"results: {output_dir}/summary.json, {output_dir}/summary.md")
+
+
+@app.command("score")
+def score_command(
+    output_dir: Annotated[Path, typer.Argument(help="A folder written by vlmlab eval.")],
+    metric_mode: Annotated[str | None, typer.Option(help="Re-score with this mode (default: each dataset's official one).")] = None,
+) -> None:
+    """Re-score stored eval outputs without inference (another metric mode, a fixed metric)."""
+    from vlmlab.eval.runner import rescore
+    from vlmlab.eval.scoring import markdown_table
+
+    console.print(markdown_table(rescore(output_dir, metric_mode)))
 
 
 nano_app = typer.Typer(help="The embedded nano model: train it, evaluate it.", no_args_is_help=True)

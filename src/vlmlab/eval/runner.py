@@ -189,7 +189,7 @@ async def run_dataset(
     results = ResultsFile(path)
     run = DatasetRun(model, spec.key, path, done_before=len(results.records), info=dict(info))
     engine_info = engine.info()
-    max_tokens = config.max_tokens or spec.max_tokens
+    max_tokens = config.max_tokens or spec.max_tokens_for(config.prompt_profile)
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=config.seed)
     gate = asyncio.Semaphore(config.concurrency or max(1, config.batch_size * 2))
     start = time.perf_counter()
@@ -258,3 +258,95 @@ async def run_dataset(
 
 def load_model(config: EvalConfig, model: str) -> Engine:
     return load_engine(config.engine_spec(model))
+
+
+def _progress(config: EvalConfig, total: int | None, label: str) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[rate]:.2f} samples/s  score {task.fields[score]}"),
+        disable=not config.progress,
+    )  # fmt: skip
+    task = progress.add_task(label, total=total, rate=0.0, score="-")
+    return progress, task
+
+
+def run_eval(config: EvalConfig) -> list[dict[str, Any]]:
+    """Every model x dataset: answer what is missing, then score and write the summaries.
+
+    Writes ``<output-dir>/<model>/<dataset>.jsonl`` (one line per sample), ``...summary.json``
+    next to it, and ``<output-dir>/summary.json`` + ``summary.md`` over everything in the folder.
+    """
+    from vlmlab.eval.datasets import get_dataset, load_samples
+    from vlmlab.eval.scoring import resolve_mode, score_record, summarize
+
+    specs = [get_dataset(key) for key in config.datasets]  # unknown names fail before any work
+    for spec in specs:
+        resolve_mode(spec, config.metric_mode)
+        if config.prompt_profile not in spec.prompts:
+            raise ConfigError(f"dataset {spec.key!r} has no prompt profile {config.prompt_profile!r}. Profiles: {', '.join(spec.prompts)}")
+    summaries = []
+    for model in config.models:
+        engine = load_model(config, model)
+        try:
+            for spec in specs:
+                samples, info = load_samples(spec, config.data_dir, config.limit)
+                total = min(info.rows, config.limit) if config.limit is not None else info.rows
+                progress, task = _progress(config, total, f"{model} · {spec.key}")
+                scores: list[float] = []
+                started = time.perf_counter()
+                mode = resolve_mode(spec, config.metric_mode)
+
+                def on_result(record: dict[str, Any]) -> None:
+                    value = score_record(spec, record, mode).score
+                    if value is not None:
+                        scores.append(value)
+                    elapsed = max(time.perf_counter() - started, 1e-9)
+                    progress.update(task, advance=1, rate=len(scores) / elapsed, score=f"{100 * sum(scores) / max(1, len(scores)):.1f}")
+
+                with progress:
+                    existing = ResultsFile(Path(config.output_dir) / model_slug(model) / f"{spec.key}.jsonl")
+                    progress.update(task, advance=len(existing.records))
+                    existing.close()
+                    run = asyncio.run(run_dataset(engine, model, spec, samples, dict(info), config, on_result))
+                from vlmlab.eval.scoring import read_records
+
+                summary = summarize(spec, read_records(run.path), config.metric_mode, dict(info))
+                summary["run"] = {"answered_now": run.answered, "resumed_from": run.done_before, "errors_now": run.errors, "seconds": round(run.seconds, 3)}
+                summary["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+                run.path.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2, default=str))
+                summaries.append(summary)
+        finally:
+            engine.close()
+    write_overview(Path(config.output_dir))
+    return summaries
+
+
+def rescore(output_dir: Path, metric_mode: str | None = None) -> list[dict[str, Any]]:
+    """``vlmlab score``: re-score every stored results file without inference."""
+    from vlmlab.eval.datasets import get_dataset
+    from vlmlab.eval.scoring import read_records, summarize
+
+    files = sorted(Path(output_dir).glob("*/*.jsonl"))
+    if not files:
+        raise ConfigError(f"no results (<model>/<dataset>.jsonl) under {output_dir}")
+    summaries = []
+    for path in files:
+        spec = get_dataset(path.stem)
+        old = path.with_suffix(".summary.json")
+        info = json.loads(old.read_text()).get("dataset_info", {}) if old.exists() else {}
+        summary = summarize(spec, read_records(path), metric_mode, info)
+        path.with_suffix(".summary.json" if metric_mode is None else f".{metric_mode}.summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        summaries.append(summary)
+    write_overview(Path(output_dir), summaries)
+    return summaries
+
+
+def write_overview(output_dir: Path, summaries: list[dict[str, Any]] | None = None) -> None:
+    from vlmlab.eval.scoring import markdown_table
+
+    if summaries is None:
+        summaries = [json.loads(p.read_text()) for p in sorted(output_dir.glob("*/*.summary.json")) if p.name.count(".") == 2]
+    (output_dir / "summary.json").write_text(json.dumps(summaries, indent=2, default=str))
+    (output_dir / "summary.md").write_text(markdown_table(summaries))
