@@ -109,3 +109,24 @@ def test_results_file_drops_a_torn_last_line(tmp_path: Path) -> None:
     results.append({"key": "c"})
     results.close()
     assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["a", "c"]
+
+
+def test_report_with_two_models_opens_in_chromium(tmp_path: Path) -> None:
+    from browser import inline_images_decode, open_in_chromium
+    from vlmlab.eval.report import bootstrap_ci, write_report
+    from vlmlab.nano import checkpoint_path
+
+    run_eval(EvalConfig(models=("nano", str(checkpoint_path())), datasets=("synth",), output_dir=tmp_path, limit=16, device="cpu", progress=False))
+    report, page = write_report(tmp_path, html=True)
+    rows = report["table"]
+    assert len(rows) == 2 and rows[0]["score"] == rows[1]["score"]  # same weights, same answers
+    low, high = rows[0]["ci95"]
+    assert low <= rows[0]["score"] <= high
+    (pair,) = report["paired"]
+    assert pair["items"] == 16 and pair["mean_diff"] == 0 and pair["ties"] == 16
+    dom, console = open_in_chromium(page)
+    assert console == [] and "Paired comparisons" in dom
+    assert inline_images_decode(page.read_text()) == 1
+    assert bootstrap_ci([1.0] * 10) == (1.0, 1.0)
+    lo, hi = bootstrap_ci([0.0, 1.0] * 50)
+    assert 0.35 < lo < 0.5 < hi < 0.65

@@ -438,6 +438,87 @@ def score_command(
     console.print(markdown_table(rescore(output_dir, metric_mode)))
 
 
+@app.command()
+def bench(
+    base_url: Annotated[str | None, typer.Option(help="Server to measure, e.g. http://host:8000/v1 (default: start `vlmlab serve --model MODEL`).")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model id to send (with --base-url), else the model to serve (default nano).")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="VLMLAB_BENCH_API_KEY", help="Bearer token for the server.")] = None,
+    endpoint: Annotated[str, typer.Option(help="Chat-completions path.")] = "/v1/chat/completions",
+    serve_arg: Annotated[list[str] | None, typer.Option("--serve-arg", help="Extra `vlmlab serve` flag for the local server, e.g. --serve-arg=--device=cpu. Repeatable.")] = None,
+    dataset: Annotated[str, typer.Option(help="random (synthetic photos) or synth (nano tasks).")] = "random",
+    image_size: Annotated[list[str] | None, typer.Option("--image-size", help="WxH[:weight] or 4k/1080p/720p/360p/12mp; comma-separated or repeated (default 1024x1024).")] = None,
+    images_per_request: Annotated[int, typer.Option(help="Images per request (random dataset).")] = 1,
+    image_format: Annotated[str, typer.Option(help="jpeg or png.")] = "jpeg",
+    image_pool: Annotated[int | None, typer.Option(help="Reuse N distinct images (cache hits); default: every image unique.")] = None,
+    unique_images: Annotated[bool, typer.Option("--unique-images", help="Every image unique (the default).")] = False,
+    transport: Annotated[str, typer.Option(help="data (base64 data URLs) or http (URLs served by the bench).")] = "data",
+    image_host: Annotated[str, typer.Option(help="Address the bench's image server binds and puts in URLs (http transport).")] = "127.0.0.1",
+    prompt: Annotated[str, typer.Option(help="Question asked about the images (random dataset).")] = "Describe the image in one sentence.",
+    prompt_words: Annotated[int, typer.Option(help="Random filler words before the question.")] = 0,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate per request.")] = 64,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Generate max_tokens exactly (vLLM extension; vlmlab supports it).")] = False,
+    temperature: Annotated[float, typer.Option()] = 0.0,
+    request_rate: Annotated[float, typer.Option(help="Requests per second (inf: all at once).")] = float("inf"),
+    burstiness: Annotated[float, typer.Option(help="Gamma shape of arrivals: 1 Poisson, <1 burstier.")] = 1.0,
+    max_concurrency: Annotated[int | None, typer.Option(help="Requests in flight at most.")] = None,
+    concurrency: Annotated[str | None, typer.Option(help="Sweep of concurrency caps, e.g. 1,4,16.")] = None,
+    num_requests: Annotated[int | None, typer.Option(help="Requests per level (default 100).")] = None,
+    duration: Annotated[float | None, typer.Option(help="Seconds per level instead of --num-requests.")] = None,
+    warmups: Annotated[int, typer.Option(help="Unmeasured requests before each level.")] = 1,
+    seed: Annotated[int, typer.Option(help="Images, prompts and arrivals; vary it between runs on one server.")] = 0,
+    request_timeout: Annotated[float, typer.Option(help="Seconds per request.")] = 600.0,
+    slo: Annotated[str | None, typer.Option(help="Goodput SLOs in ms, e.g. ttft=500,tpot=50,e2el=2000.")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Result JSON path.")] = None,
+    plots: Annotated[str | None, typer.Option(help="Plot directory (default: next to --output).")] = None,
+    no_plots: Annotated[bool, typer.Option("--no-plots", help="Draw no plots.")] = False,
+    no_metrics: Annotated[bool, typer.Option("--no-metrics", help="Do not scrape the server's /metrics.")] = False,
+) -> None:
+    """Measure a server with image workloads: TTFT, TPOT, ITL, E2EL, throughput, goodput, cache hits."""
+    from vlmlab.bench import run_bench
+    from vlmlab.bench.config import bench_config
+    from vlmlab.bench.report import summary_table
+
+    config = bench_config(
+        image_size=image_size, max_concurrency=max_concurrency, concurrency=concurrency,
+        image_pool=image_pool, unique_images=unique_images, slo=slo,
+        base_url=base_url, model=model, api_key=api_key, endpoint=endpoint, serve_args=tuple(serve_arg or ()),
+        dataset=dataset, images_per_request=images_per_request, image_format=image_format.lower(),
+        transport=transport, image_host=image_host, prompt=prompt, prompt_words=prompt_words,
+        max_tokens=max_tokens, ignore_eos=ignore_eos, temperature=temperature, request_rate=request_rate,
+        burstiness=burstiness, num_requests=num_requests, duration_s=duration, warmups=warmups, seed=seed,
+        request_timeout_s=request_timeout, output=output, plots=plots, make_plots=not no_plots,
+        scrape_metrics=not no_metrics,
+    )  # fmt: skip
+    result = run_bench(config)
+    console.print(summary_table(result))
+    for run in result["runs"]:
+        for message in run["summary"]["errors"] + run["summary"]["warnings"]:
+            err_console.print(f"[yellow]{run['label']}:[/yellow] {message}", highlight=False)
+    for path in ([output] if output else []) + result["plots"]:
+        console.print(f"[dim]wrote {path}[/dim]")
+
+
+@app.command("report")
+def report_command(
+    output_dir: Annotated[Path, typer.Argument(help="A folder written by vlmlab eval.")],
+    html: Annotated[bool, typer.Option("--html", help="Also write report.html with plots.")] = False,
+    metric_mode: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Models x datasets with bootstrap CIs, per category, paired comparisons, disagreements."""
+    from vlmlab.eval.report import write_report
+
+    report, page = write_report(output_dir, metric_mode, html)
+    table = Table(title="vlmlab report (95% bootstrap CI)")
+    for column in ("model", "dataset", "n", "score %", "95% CI"):
+        table.add_column(column)
+    for row in report["table"]:
+        table.add_row(row["model"], row["dataset"], str(row["n"]), f"{100 * row['score']:.1f}", f"{100 * row['ci95'][0]:.1f} – {100 * row['ci95'][1]:.1f}")
+    console.print(table)
+    for p in report["paired"]:
+        console.print(f"{p['dataset']}: {p['b']} − {p['a']} = {100 * p['mean_diff']:+.1f} points on {p['items']} shared items (95% CI {100 * p['ci95'][0]:+.1f} … {100 * p['ci95'][1]:+.1f})")
+    console.print(f"written: {output_dir}/report.json" + (f", {page}" if page else ""))
+
+
 nano_app = typer.Typer(help="The embedded nano model: train it, evaluate it.", no_args_is_help=True)
 app.add_typer(nano_app, name="nano")
 
