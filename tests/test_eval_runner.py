@@ -130,3 +130,45 @@ def test_report_with_two_models_opens_in_chromium(tmp_path: Path) -> None:
     assert bootstrap_ci([1.0] * 10) == (1.0, 1.0)
     lo, hi = bootstrap_ci([0.0, 1.0] * 50)
     assert 0.35 < lo < 0.5 < hi < 0.65
+
+
+def test_every_dataset_runs_end_to_end_on_its_fixture(tmp_path: Path) -> None:
+    """nano answers every benchmark's fixture through the real loading path; summaries score it."""
+    from fixtures_eval import write_all
+
+    from vlmlab.eval.datasets import DATASETS
+
+    fixtures = write_all(tmp_path / "data")
+    keys = [k for k in DATASETS.names() if k != "synth"]
+    summaries = []
+    for key in keys:
+        config = EvalConfig(models=("nano",), datasets=(key,), output_dir=tmp_path / "out", data_dir=fixtures.paths[key], max_tokens=4, device="cpu", progress=False)
+        summaries += run_eval(config)
+    assert [s["dataset"] for s in summaries] == keys
+    for summary in summaries:
+        assert summary["n"] >= 1 and summary["errors"] == 0, summary
+        assert summary["score"] is None or 0.0 <= summary["score"] <= 1.0
+    by_key = {s["dataset"]: s for s in summaries}
+    assert set(by_key["hallusionbench"]["aggregate"]) == {"aAcc", "fAcc", "qAcc"}
+    assert "circular_accuracy" in by_key["mmbench_en_dev"]["aggregate"]
+
+
+def test_judge_is_asked_only_about_unparsed_rows_and_cached(tmp_path: Path) -> None:
+    from fixtures_eval import write_all
+    from serverutil import running_server
+    from vlmlab.config import EngineSpec, ServerSettings
+    from vlmlab.eval.judge import Judge
+
+    fixtures = write_all(tmp_path / "data")
+    out = tmp_path / "out"
+    run_eval(EvalConfig(models=("nano",), datasets=("mmbench_en_dev",), output_dir=out, data_dir=fixtures.paths["mmbench_en_dev"], max_tokens=4, device="cpu", progress=False))
+    plain = rescore(out)[0]
+    assert plain["judged"] == 0 and plain["judge"] is None and plain["unparsed"] > 0
+    with running_server(ServerSettings(engines=(EngineSpec(model="nano", device="cpu"),), default_max_tokens=4)) as judge_server:
+        judge = Judge(judge_server.base_url, "nano", out / "judge_cache.jsonl")
+        judged = rescore(out, judge=judge)[0]
+        assert judged["judged"] == plain["unparsed"] == judge.calls
+        again = Judge(judge_server.base_url, "nano", out / "judge_cache.jsonl")
+        rescore(out, judge=again)
+        assert again.calls == 0  # every judgement came from the cache
+    assert judged["judge"] == {"url": judge_server.base_url, "model": "nano"}

@@ -406,6 +406,9 @@ def eval_command(
     dtype: Annotated[str, typer.Option()] = "auto",
     trust_remote_code: Annotated[bool, typer.Option()] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    judge_url: Annotated[str | None, typer.Option(help="OpenAI-compatible URL of an extraction judge (off by default).")] = None,
+    judge_model: Annotated[str | None, typer.Option(help="The judge's model id.")] = None,
+    judge_api_key: Annotated[str | None, typer.Option(envvar="VLMLAB_JUDGE_API_KEY")] = None,
 ) -> None:
     """Score models on benchmarks; crash-safe (one JSON line per sample) and resumable."""
     from vlmlab.eval.runner import EvalConfig, run_eval
@@ -420,6 +423,7 @@ def eval_command(
         trust_remote_code=trust_remote_code, batch_size=batch_size, concurrency=concurrency,
         limit=limit, max_tokens=max_tokens, seed=seed, prompt_profile=prompt_profile,
         metric_mode=metric_mode, data_dir=data_dir, progress=progress,
+        judge_url=judge_url, judge_model=judge_model, judge_api_key=judge_api_key,
     )  # fmt: skip
     summaries = run_eval(config)
     console.print(markdown_table(summaries))
@@ -430,12 +434,16 @@ def eval_command(
 def score_command(
     output_dir: Annotated[Path, typer.Argument(help="A folder written by vlmlab eval.")],
     metric_mode: Annotated[str | None, typer.Option(help="Re-score with this mode (default: each dataset's official one).")] = None,
+    judge_url: Annotated[str | None, typer.Option(help="OpenAI-compatible URL of an extraction judge.")] = None,
+    judge_model: Annotated[str | None, typer.Option()] = None,
+    judge_api_key: Annotated[str | None, typer.Option(envvar="VLMLAB_JUDGE_API_KEY")] = None,
 ) -> None:
     """Re-score stored eval outputs without inference (another metric mode, a fixed metric)."""
-    from vlmlab.eval.runner import rescore
+    from vlmlab.eval.runner import EvalConfig, rescore
     from vlmlab.eval.scoring import markdown_table
 
-    console.print(markdown_table(rescore(output_dir, metric_mode)))
+    judge = EvalConfig((), (), output_dir, judge_url=judge_url, judge_model=judge_model, judge_api_key=judge_api_key).judge()
+    console.print(markdown_table(rescore(output_dir, metric_mode, judge)))
 
 
 @app.command()

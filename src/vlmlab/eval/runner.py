@@ -54,6 +54,17 @@ class EvalConfig:
     data_dir: Path | None = None
     processor_options: Mapping[str, Any] = field(default_factory=dict)
     progress: bool = True
+    judge_url: str | None = None
+    judge_model: str | None = None
+    judge_api_key: str | None = None
+
+    def judge(self) -> Any:
+        """The extraction judge, or None (the default: rules only, unparsed rows reported)."""
+        if not self.judge_url:
+            return None
+        from vlmlab.eval.judge import Judge
+
+        return Judge(self.judge_url, self.judge_model or "default", Path(self.output_dir) / "judge_cache.jsonl", self.judge_api_key)
 
     def engine_spec(self, model: str) -> EngineSpec:
         extra: dict[str, Any] = {}
@@ -287,6 +298,7 @@ def run_eval(config: EvalConfig) -> list[dict[str, Any]]:
         if config.prompt_profile not in spec.prompts:
             raise ConfigError(f"dataset {spec.key!r} has no prompt profile {config.prompt_profile!r}. Profiles: {', '.join(spec.prompts)}")
     summaries = []
+    judge = config.judge()
     for model in config.models:
         engine = load_model(config, model)
         try:
@@ -312,9 +324,9 @@ def run_eval(config: EvalConfig) -> list[dict[str, Any]]:
                     run = asyncio.run(run_dataset(engine, model, spec, samples, dict(info), config, on_result))
                 from vlmlab.eval.scoring import read_records
 
-                summary = summarize(spec, read_records(run.path), config.metric_mode, dict(info))
+                summary = summarize(spec, read_records(run.path), config.metric_mode, dict(info), judge)
                 summary["run"] = {"answered_now": run.answered, "resumed_from": run.done_before, "errors_now": run.errors, "seconds": round(run.seconds, 3)}
-                summary["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+                summary["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items() if k != "judge_api_key"}
                 run.path.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2, default=str))
                 summaries.append(summary)
         finally:
@@ -323,7 +335,7 @@ def run_eval(config: EvalConfig) -> list[dict[str, Any]]:
     return summaries
 
 
-def rescore(output_dir: Path, metric_mode: str | None = None) -> list[dict[str, Any]]:
+def rescore(output_dir: Path, metric_mode: str | None = None, judge: Any = None) -> list[dict[str, Any]]:
     """``vlmlab score``: re-score every stored results file without inference."""
     from vlmlab.eval.datasets import get_dataset
     from vlmlab.eval.scoring import read_records, summarize
@@ -336,7 +348,7 @@ def rescore(output_dir: Path, metric_mode: str | None = None) -> list[dict[str, 
         spec = get_dataset(path.stem)
         old = path.with_suffix(".summary.json")
         info = json.loads(old.read_text()).get("dataset_info", {}) if old.exists() else {}
-        summary = summarize(spec, read_records(path), metric_mode, info)
+        summary = summarize(spec, read_records(path), metric_mode, info, judge)
         path.with_suffix(".summary.json" if metric_mode is None else f".{metric_mode}.summary.json").write_text(json.dumps(summary, indent=2, default=str))
         summaries.append(summary)
     write_overview(Path(output_dir), summaries)

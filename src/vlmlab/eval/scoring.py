@@ -46,8 +46,9 @@ def resolve_mode(spec: DatasetSpec, mode: str | None) -> str:
     return chosen
 
 
-def score_record(spec: DatasetSpec, record: Mapping[str, Any], mode: str) -> SampleScore:
-    """One stored record's score under ``mode``."""
+def score_record(spec: DatasetSpec, record: Mapping[str, Any], mode: str, judge: Any = None) -> SampleScore:
+    """One stored record's score under ``mode``; ``judge`` (an :class:`~vlmlab.eval.judge.Judge`)
+    is asked only about rows the rules cannot parse."""
     fields = record.get("fields") or {}
     category = fields.get("category")
     base = dict(key=record["key"], sample_id=str(record["sample_id"]), category=None if category is None else str(category))
@@ -64,18 +65,27 @@ def score_record(spec: DatasetSpec, record: Mapping[str, Any], mode: str) -> Sam
             value = M.score("exact_match", prediction, answers, "official")  # a free-text gold
             return SampleScore(score=value, parsed=True, error=False, **base)
         letter = M.extract_mcq(prediction, fields.get("choices") or [], mode)
+        judged = False
+        if letter is None and judge is not None and fields.get("choices"):
+            letter, judged = judge.choice(record.get("prompt", ""), fields["choices"], prediction), True
         correct = None if letter is None else letter == gold.upper()
-        return SampleScore(score=float(bool(correct)), parsed=letter is not None, error=False, extra={"letter": letter, "correct": correct}, **base)
+        return SampleScore(score=float(bool(correct)), parsed=letter is not None, error=False, extra={"letter": letter, "correct": correct, "judged": judged}, **base)
     if metric == "mmmu":
         ok = M.mmmu_open_match(prediction, [str(a) for a in answers], mode)
         return SampleScore(score=float(ok), parsed=True, error=False, **base)
     if metric == "mathvista":
-        correct = M.mathvista_correct(
-            prediction, str(answers[0]), question_type=fields.get("question_type", "free_form"),
-            answer_type=fields.get("answer_type", "text"), choices=fields.get("choices") or (),
-            precision=fields.get("precision"), mode=mode,
-        )  # fmt: skip
-        return SampleScore(score=float(bool(correct)), parsed=correct is not None, error=False, **base)
+        def check(text: str) -> bool | None:
+            return M.mathvista_correct(
+                text, str(answers[0]), question_type=fields.get("question_type", "free_form"),
+                answer_type=fields.get("answer_type", "text"), choices=fields.get("choices") or (),
+                precision=fields.get("precision"), mode=mode,
+            )  # fmt: skip
+
+        correct, judged = check(prediction), False
+        if correct is None and judge is not None:
+            extracted = judge.value(record.get("prompt", ""), prediction)
+            correct, judged = (check(extracted) if extracted else None), True
+        return SampleScore(score=float(bool(correct)), parsed=correct is not None, error=False, extra={"judged": judged}, **base)
     if metric == "hallusion":
         said = M.extract_yes_no(prediction)
         gold = {"1": "yes", "0": "no"}.get(str(answers[0]).strip().lower(), str(answers[0]).strip().lower())
@@ -98,11 +108,11 @@ def aggregate(spec: DatasetSpec, records: Sequence[Mapping[str, Any]], scores: S
     return {}
 
 
-def summarize(spec: DatasetSpec, records: Iterable[Mapping[str, Any]], mode: str | None, info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def summarize(spec: DatasetSpec, records: Iterable[Mapping[str, Any]], mode: str | None, info: Mapping[str, Any] | None = None, judge: Any = None) -> dict[str, Any]:
     """Scores overall and per category, counts, unparsed, timing and the settings of the run."""
     chosen = resolve_mode(spec, mode)
     ordered = sorted(records, key=lambda r: str(r["sample_id"]))
-    scores = [score_record(spec, r, chosen) for r in ordered]
+    scores = [score_record(spec, r, chosen, judge) for r in ordered]
     counted = [s for s in scores if s.score is not None]
     by_category: dict[str, list[float]] = defaultdict(list)
     for s in counted:
@@ -121,6 +131,8 @@ def summarize(spec: DatasetSpec, records: Iterable[Mapping[str, Any]], mode: str
         "scored": len(counted),
         "errors": sum(s.error for s in scores),
         "unparsed": sum((not s.parsed) and not s.error for s in scores),
+        "judged": sum(bool(s.extra.get("judged")) for s in scores),
+        "judge": None if judge is None else {"url": judge.base_url, "model": judge.model},
         "by_category": {k: sum(v) / len(v) for k, v in sorted(by_category.items())},
         "aggregate": aggregate(spec, ordered, scores),
         "tokens": {k: sum(u.get(k, 0) for u in usage) for k in ("prompt_tokens", "image_tokens", "completion_tokens")},
