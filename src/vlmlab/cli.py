@@ -472,7 +472,7 @@ def bench(
     concurrency: Annotated[str | None, typer.Option(help="Sweep of concurrency caps, e.g. 1,4,16.")] = None,
     num_requests: Annotated[int | None, typer.Option(help="Requests per level (default 100).")] = None,
     duration: Annotated[float | None, typer.Option(help="Seconds per level instead of --num-requests.")] = None,
-    warmups: Annotated[int, typer.Option(help="Unmeasured requests before each level.")] = 1,
+    warmups: Annotated[int, typer.Option("--warmups", "--num-warmups", help="Unmeasured requests before each level.")] = 1,
     seed: Annotated[int, typer.Option(help="Images, prompts and arrivals; vary it between runs on one server.")] = 0,
     request_timeout: Annotated[float, typer.Option(help="Seconds per request.")] = 600.0,
     slo: Annotated[str | None, typer.Option(help="Goodput SLOs in ms, e.g. ttft=500,tpot=50,e2el=2000.")] = None,
@@ -525,6 +525,38 @@ def report_command(
     for p in report["paired"]:
         console.print(f"{p['dataset']}: {p['b']} − {p['a']} = {100 * p['mean_diff']:+.1f} points on {p['items']} shared items (95% CI {100 * p['ci95'][0]:+.1f} … {100 * p['ci95'][1]:+.1f})")
     console.print(f"written: {output_dir}/report.json" + (f", {page}" if page else ""))
+
+
+@app.command()
+def recommend(
+    max_params: Annotated[float | None, typer.Option(help="Largest model, in billions of parameters.")] = None,
+    gpu_mem: Annotated[str | None, typer.Option(help="GPU memory to fit, e.g. 24GiB.")] = None,
+    multi_image: Annotated[bool, typer.Option("--multi-image", help="Needs several images per prompt.")] = False,
+    ocr: Annotated[bool, typer.Option("--ocr", help="Rank by document/OCR benchmarks.")] = False,
+    image: Annotated[str, typer.Option(help="Typical image size for memory planning.")] = "1024x768",
+    dtype: Annotated[str, typer.Option(help="Weight dtype: bf16, fp8, int8, int4.")] = "bf16",
+    results: Annotated[Path | None, typer.Option(help="Folder with vlmlab eval / bench JSON results.")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Rank known checkpoints by your requirements and by published or measured results."""
+    from vlmlab.recommend import parse_requirements, ranked, read_results
+    from vlmlab.recommend import recommend as rank
+
+    picks = rank(parse_requirements(max_params, gpu_mem, multi_image, ocr, image, dtype), read_results(results) if results else None)
+    rows = ranked(picks)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="vlmlab recommend")
+    for column in ("#", "checkpoint", "params", "score", "why"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            str(row["rank"] or "-"), row["checkpoint"], f"{row['params_b']:.1f}B",
+            "-" if row["score"] is None else f"{row['score']:.1f}", row["why"],
+            style=None if row["rank"] else "dim",
+        )  # fmt: skip
+    console.print(table)
 
 
 nano_app = typer.Typer(help="The embedded nano model: train it, evaluate it.", no_args_is_help=True)
