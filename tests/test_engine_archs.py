@@ -547,7 +547,9 @@ async def run_concurrently(engine: Any, requests: list[GenerationRequest]) -> tu
     until all of ``requests`` are queued, so they are collated together. Returns the results and
     the batch sizes the worker ran."""
     batcher = engine.batcher
-    original = batcher.run_batch
+    # Static batching collates in run_batch; continuous batching prefills new arrivals in admit.
+    owner, name = (batcher.decoder, "admit") if batcher.decoder is not None else (batcher, "run_batch")
+    original = getattr(owner, name)
     sizes: list[int] = []
     started = threading.Event()
 
@@ -560,7 +562,7 @@ async def run_concurrently(engine: Any, requests: list[GenerationRequest]) -> tu
         sizes.append(len(jobs))
         original(jobs)
 
-    batcher.run_batch = observed
+    setattr(owner, name, observed)
     try:
         first = asyncio.ensure_future(complete(engine, requests[0]))
         while not started.is_set():
@@ -570,7 +572,7 @@ async def run_concurrently(engine: Any, requests: list[GenerationRequest]) -> tu
         results = await asyncio.gather(*(complete(engine, r) for r in requests))
         await first
     finally:
-        batcher.run_batch = original
+        setattr(owner, name, original)
     return results, sizes
 
 

@@ -6,6 +6,7 @@ names the bad value and the fix) and exits with status 2, never with a traceback
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -50,6 +51,20 @@ def remote_extra(base_url: str | None, api_key: str | None, base: Any = None) ->
     return {**(base if isinstance(base, dict) else {}), **flags}
 
 
+QUANTIZATION_HELP = (
+    "Weight quantization: fp8, awq, gptq, bitsandbytes (vllm); bnb-4bit, bnb-8bit (hf on CUDA), "
+    "int8 (hf, torchao weight-only)."
+)
+
+
+def with_quantization(extra: dict[str, Any], quantization: str | None, load_in_4bit: bool, load_in_8bit: bool) -> dict[str, Any]:
+    """``extra`` plus the ``quantization`` the flags ask for (ConfigError when they conflict)."""
+    from vlmlab.engines.quantization import from_flags
+
+    chosen = from_flags(quantization, load_in_4bit, load_in_8bit)
+    return {**extra, "quantization": chosen} if chosen else extra
+
+
 def image_sizes(images: list[str]) -> list[tuple[int, int]]:
     """Each ``--image`` is ``WIDTHxHEIGHT`` or a file / URL whose header gives the size."""
     from vlmlab.plan import parse_size
@@ -85,11 +100,16 @@ def plan(
     gpu_mem: Annotated[str | None, typer.Option(help="GPU memory, e.g. 24GiB.")] = None,
     dtype: Annotated[str, typer.Option(help="Weight dtype: bf16, fp16, fp32, fp8, int8, int4.")] = "bf16",
     kv_dtype: Annotated[str, typer.Option(help="KV-cache dtype.")] = "bf16",
+    quantization: Annotated[str | None, typer.Option(help="Price weights as this method stores them: awq/gptq/bnb-4bit -> int4, bnb-8bit/int8 -> int8, fp8 (overrides --dtype).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Image tokens, prompt size, KV-cache and weight memory per model, before loading any."""
+    from vlmlab.engines.quantization import plan_dtype
     from vlmlab.plan import PlanInput, format_bytes, parse_bytes
     from vlmlab.plan import plan as make_plan
+
+    if quantization:
+        dtype = plan_dtype(quantization)
 
     spec = PlanInput(
         images=image_sizes(image),
@@ -182,9 +202,12 @@ def chat(
     question: Annotated[str, typer.Argument(help="The question about the image(s).")],
     image: Annotated[list[str] | None, typer.Option("--image", "-i", help="Image path or URL. Repeatable.")] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="nano, a family preset, a hub id or a path.")] = "nano",
-    engine: Annotated[str, typer.Option(help="Backend: hf or remote (an OpenAI-compatible server).")] = "hf",
+    engine: Annotated[str, typer.Option(help="Backend: hf, vllm (NVIDIA GPU), mlx (Apple Silicon) or remote (an OpenAI-compatible server).")] = "hf",
     base_url: Annotated[str | None, typer.Option(help="remote engine: server URL, e.g. http://host:8000/v1.")] = None,
     remote_api_key: Annotated[str | None, typer.Option(envvar="VLMLAB_REMOTE_API_KEY", help="remote engine: API key (default: MISTRAL_API_KEY / OPENAI_API_KEY for their URLs).")] = None,
+    quantization: Annotated[str | None, typer.Option(help=QUANTIZATION_HELP)] = None,
+    load_in_4bit: Annotated[bool, typer.Option("--load-in-4bit", help="hf on CUDA: bitsandbytes NF4 (= --quantization bnb-4bit).")] = False,
+    load_in_8bit: Annotated[bool, typer.Option("--load-in-8bit", help="hf on CUDA: bitsandbytes LLM.int8() (= --quantization bnb-8bit).")] = False,
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 256,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option()] = 1.0,
@@ -208,8 +231,11 @@ def chat(
         dtype=dtype,  # type: ignore[arg-type]
         trust_remote_code=trust_remote_code,
         processor_options=parse_options(opt),
-        extra=remote_extra(base_url, remote_api_key) or {},
+        extra=with_quantization(remote_extra(base_url, remote_api_key) or {}, quantization, load_in_4bit, load_in_8bit),
     )
+    if engine.strip().lower() == "vllm":
+        # vLLM's offline LLM.chat: one batch, and vLLM prints its own progress / speed line.
+        spec = dataclasses.replace(spec, extra={"offline": True, **spec.extra})
     sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
     def on_text(text: str) -> None:
@@ -231,6 +257,9 @@ def serve(
     config: Annotated[str | None, typer.Option(help="YAML/JSON config file or preset name.")] = None,
     base_url: Annotated[str | None, typer.Option(help="remote engine: upstream URL, e.g. http://host:8000/v1.")] = None,
     remote_api_key: Annotated[str | None, typer.Option(envvar="VLMLAB_REMOTE_API_KEY", help="remote engine: upstream API key.")] = None,
+    quantization: Annotated[str | None, typer.Option(help=QUANTIZATION_HELP)] = None,
+    load_in_4bit: Annotated[bool, typer.Option("--load-in-4bit", help="hf on CUDA: bitsandbytes NF4 (= --quantization bnb-4bit).")] = False,
+    load_in_8bit: Annotated[bool, typer.Option("--load-in-8bit", help="hf on CUDA: bitsandbytes LLM.int8() (= --quantization bnb-8bit).")] = False,
     host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="VLMLAB_API_KEY", help="Require 'Authorization: Bearer KEY'.")] = None,
@@ -274,6 +303,10 @@ def serve(
         request_timeout_s=request_timeout, preprocess_cache_bytes=preprocess_cache,
         response_cache_entries=response_cache, processor_options=parse_options(opt) or None,
     )  # fmt: skip
+    chosen = with_quantization({}, quantization, load_in_4bit, load_in_8bit)
+    if chosen:  # every engine of the chain, whatever extra each one has from the config file
+        engines = tuple(dataclasses.replace(s, extra={**s.extra, **chosen}) for s in settings.engines)
+        settings = dataclasses.replace(settings, engines=engines)
     logging.getLogger("vlmlab").setLevel(log_level.upper())
     console.print(f"[bold]vlmlab serve[/bold] {settings.model_name} on http://{settings.host}:{settings.port}/v1")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level.lower())
@@ -619,7 +652,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv)
     except VlmlabError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {exc.message}", highlight=False)
+        from rich.markup import escape  # messages name extras like 'vlmlab[vllm]'
+
+        err_console.print(f"[bold red]error:[/bold red] {escape(exc.message)}", highlight=False)
         sys.exit(2)
 
 

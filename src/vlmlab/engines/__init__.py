@@ -20,6 +20,8 @@ from vlmlab.registry import Registry
 ENGINES: Registry[type[Engine]] = Registry("engine")
 ENGINES.register("hf", "vlmlab.engines.hf:HFEngine", aliases=("transformers",))
 ENGINES.register("remote", "vlmlab.engines.remote:RemoteEngine", aliases=("openai", "openai-compatible"))
+ENGINES.register("vllm", "vlmlab.engines.vllm:VLLMEngine")
+ENGINES.register("mlx", "vlmlab.engines.mlx:MLXEngine", aliases=("mlx-vlm",))
 
 
 def load_engine(spec: EngineSpec) -> Engine:

@@ -21,6 +21,7 @@ from vlmlab.cache import LRUCache
 from vlmlab.config import EngineSpec
 from vlmlab.engines.base import Capabilities, Engine, EngineInfo, GenerationRequest, PromptCount
 from vlmlab.engines.hf_preprocess import RequestPreprocessor
+from vlmlab.engines.quantization import hf_quantization
 from vlmlab.families import Family, get_family
 from vlmlab.protocol.core import Chat, GenerationChunk, GenerationResult, ImagePart, Timings
 from vlmlab.protocol.errors import (
@@ -136,7 +137,19 @@ class HFEngine(Engine):
         self.preprocessor = RequestPreprocessor(
             processor, self.tokenizer, family, model_id, self.preprocess_cache, spec.processor_options
         )
-        self.batcher = Batcher(self._run_batch, spec.max_batch_size)
+        decoder = None
+        if spec.extra.get("continuous_batching", True):
+            from vlmlab.engines.hf_continuous import ContinuousDecoder, supports_continuous
+
+            if supports_continuous(model):
+                decoder = ContinuousDecoder(
+                    model, self.pad_id, self.eos_ids,
+                    lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), device,
+                    on_step=lambda: self.batcher.mark_progress(),
+                )  # fmt: skip
+                decoder.max_len = self.max_model_len
+        self.continuous = decoder is not None
+        self.batcher = Batcher(self._run_batch, spec.max_batch_size, decoder=decoder)
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -166,23 +179,26 @@ class HFEngine(Engine):
         device = cls._pick_device(spec.device)
         dtype = {"auto": "bf16" if device.startswith("cuda") else "fp32"}.get(spec.dtype, spec.dtype)
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+        quant = hf_quantization(spec.extra, device, torch_dtype)  # --quantization / --load-in-4bit
         try:
             processor = AutoProcessor.from_pretrained(source, **kwargs)
             try:
-                model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype, **kwargs)
+                model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype, **kwargs, **quant.load_kwargs)
             except ValueError as exc:
                 if not spec.trust_remote_code:
                     raise ConfigError(f"unsupported architecture for {spec.model!r} ({config.__class__.__name__}): {exc}") from exc
                 from transformers import AutoModelForCausalLM  # remote-code VLMs (Phi-3.5-vision)
 
-                model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs, **quant.load_kwargs)
         except (OSError, ImportError) as exc:
             raise EngineError(f"failed to load {spec.model!r}: {exc}") from exc
         if not getattr(processor, "chat_template", None) and not getattr(getattr(processor, "tokenizer", None), "chat_template", None):
             raise ConfigError(f"{spec.model!r} has no chat template; add chat_template.jinja to the checkpoint")
-        model.to(device).eval()
+        if not quant.places_weights:  # bitsandbytes put the weights on the GPU while loading
+            model.to(device)
+        quant.finish(model.eval())
         torch.set_num_threads(max(1, os.cpu_count() or 1))
-        return cls(spec, model, processor, family, spec.model, device, dtype, time.perf_counter() - start)
+        return cls(spec, model, processor, family, spec.model, device, quant.label(dtype), time.perf_counter() - start)
 
     @staticmethod
     def _pick_device(device: str) -> str:
@@ -385,7 +401,12 @@ class HFEngine(Engine):
             device=self.device,
             dtype=self.dtype,
             load_s=self.load_s,
-            details={"running": self.batcher.running, "waiting": self.batcher.waiting, "max_batch_size": self.spec.max_batch_size},
+            details={
+                "running": self.batcher.running,
+                "waiting": self.batcher.waiting,
+                "max_batch_size": self.spec.max_batch_size,
+                "batching": "continuous" if self.continuous else "static",
+            },
         )
 
     def health(self, hung_after_s: float = 120.0) -> tuple[bool, str]:

@@ -198,8 +198,9 @@ class RowTracker(StoppingCriteria):
 class Batcher:
     """One worker thread that decodes waiting jobs in batches of up to ``max_batch_size``."""
 
-    def __init__(self, run_batch: Callable[[list[Job]], None], max_batch_size: int, name: str = "hf"):
+    def __init__(self, run_batch: Callable[[list[Job]], None], max_batch_size: int, name: str = "hf", decoder: Any = None):
         self.run_batch = run_batch
+        self.decoder = decoder  # a ContinuousDecoder: requests join and leave between steps
         self.max_batch_size = max_batch_size
         self._waiting: list[Job] = []
         self._cond = threading.Condition()
@@ -234,6 +235,9 @@ class Batcher:
         return self._thread.is_alive()
 
     def _loop(self) -> None:
+        if self.decoder is not None:
+            self._continuous_loop()
+            return
         while True:
             with self._cond:
                 while not self._waiting and not self._closed:
@@ -260,3 +264,34 @@ class Batcher:
             finally:
                 self.running = 0
                 self.last_progress = time.monotonic()
+
+    def _continuous_loop(self) -> None:
+        decoder = self.decoder
+        while True:
+            with self._cond:
+                while not self._waiting and not decoder.active and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    for job in [*self._waiting, *decoder.jobs]:
+                        job.emit(("error", RuntimeError("engine closed")))
+                    return
+                dropped = [j for j in self._waiting if j.cancelled]
+                live = [j for j in self._waiting if not j.cancelled]
+                room = self.max_batch_size - decoder.active
+                new, self._waiting = live[:room], live[room:]
+            for job in dropped:
+                self.aborted_total += 1
+                job.emit(("done", "abort"))
+            try:
+                if new:
+                    decoder.admit(new)
+                if decoder.active:
+                    decoder.step()
+            except Exception as exc:  # noqa: BLE001 - reported to every request in flight
+                logger.exception("continuous batch step failed")
+                for job in {id(j): j for j in [*new, *decoder.jobs]}.values():
+                    job.emit(("error", exc))
+                decoder.reset()
+            self.aborted_total += decoder.aborted
+            decoder.aborted = 0
+            self.running = decoder.active

@@ -1,0 +1,167 @@
+"""Continuous batching for the transformers engine (standard-RoPE decoder language models).
+
+``model.generate`` decodes a fixed batch to the end, so a request that arrives one step after a
+batch started waits for its longest member. Here one decode step runs for all active requests;
+between steps, new requests are prefilled (together, left-padded) and their KV caches merged into
+the running batch, and finished requests leave it at once. Inputs follow what ``generate`` builds
+for left-padded batches (position ids from the attention mask, the 2-D mask extended each step),
+so greedy answers equal the ``generate`` path's; sampling, stops and streaming reuse
+:class:`RowSampler` / :class:`RowTracker`.
+
+Supported when every cache layer is a plain ``DynamicLayer`` and the text model uses 1-D rotary
+positions (Mistral, Llama, Qwen2 text models: nano, Pixtral, LLaVA-NeXT/OneVision, Idefics);
+Qwen2-VL's 3-D M-RoPE keeps the ``generate`` path.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from vlmlab.engines.hf_batching import Job, RowSampler, RowTracker, left_pad_collate
+
+# Text-model types whose positions are plain 1-D indices (config.text_config.model_type).
+ROPE_1D_TEXT_MODELS = frozenset({"mistral", "llama", "qwen2", "gemma", "phi3", "internlm2"})
+
+
+def supports_continuous(model: Any) -> bool:
+    """Plain 1-D RoPE text model with full attention (no sliding window, no scaled RoPE)."""
+    config = getattr(model.config, "text_config", model.config)
+    if getattr(config, "model_type", "") not in ROPE_1D_TEXT_MODELS or getattr(config, "sliding_window", None):
+        return False
+    scaling = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
+    return not isinstance(scaling, dict) or scaling.get("rope_type", "default") == "default"
+
+
+def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+class ContinuousDecoder:
+    """The running batch: its jobs, KV cache, attention mask, next positions and last tokens."""
+
+    def __init__(self, model: Any, pad_id: int, eos_ids: set[int], decode: Callable[[list[int]], str], device: str, on_step: Callable[[], None]):
+        self.model = model
+        self.pad_id = pad_id
+        self.eos_ids = eos_ids
+        self.decode = decode
+        self.device = device
+        self.on_step = on_step
+        self.jobs: list[Job] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # [B, T]
+        self.positions: torch.Tensor | None = None  # [B] next position id
+        self.last: torch.Tensor | None = None  # [B] last sampled token
+        self.aborted = 0
+        self.max_len = 1 << 30
+
+    @property
+    def active(self) -> int:
+        return len(self.jobs)
+
+    def reset(self) -> None:
+        self.jobs, self.cache, self.mask, self.positions, self.last = [], None, None, None, None
+
+    # -- one forward ---------------------------------------------------------------------------
+
+    def _sample(self, jobs: list[Job], logits: torch.Tensor, tracker: RowTracker) -> torch.Tensor:
+        scores = RowSampler(jobs, self.eos_ids)(None, logits.float().clone())  # type: ignore[arg-type]
+        tokens = scores.argmax(dim=-1)
+        now = time.perf_counter()
+        for job, token in zip(jobs, tokens.tolist()):
+            if job.finish_reason is None:
+                tracker._advance(job, token, now)
+        return tokens
+
+    def admit(self, new: list[Job]) -> None:
+        """Prefill ``new`` together and merge them into the running batch."""
+        now = time.perf_counter()
+        for job in new:
+            job.started = now
+        batch = left_pad_collate(new, self.pad_id)
+        batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        if "pixel_values" in batch and batch["pixel_values"].is_floating_point():
+            batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
+        mask = batch["attention_mask"]
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        with torch.inference_mode():
+            out = self.model(**batch, position_ids=position_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        tracker = RowTracker(new, self.decode, self.eos_ids)
+        tokens = self._sample(new, out.logits[:, -1, :], tracker)
+        self.aborted += tracker.aborted
+        positions = mask.sum(-1)
+        self._merge(new, out.past_key_values, mask, positions, tokens)
+        self.on_step()
+
+    def _merge(self, new: list[Job], cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor) -> None:
+        if self.cache is None or not self.jobs:
+            self.jobs, self.cache, self.mask, self.positions, self.last = list(new), cache, mask, positions, tokens
+        else:
+            width = max(self.mask.shape[1], mask.shape[1])  # type: ignore[union-attr]
+            for old_layer, new_layer in zip(self.cache.layers, cache.layers):
+                old_layer.keys = torch.cat([_pad_left(old_layer.keys, width, 2), _pad_left(new_layer.keys, width, 2)])
+                old_layer.values = torch.cat([_pad_left(old_layer.values, width, 2), _pad_left(new_layer.values, width, 2)])
+            self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])  # type: ignore[arg-type]
+            self.positions = torch.cat([self.positions, positions])  # type: ignore[list-item]
+            self.last = torch.cat([self.last, tokens])  # type: ignore[list-item]
+            self.jobs += new
+        self._drop_finished()
+
+    def step(self) -> None:
+        """One decode step for every active job."""
+        assert self.cache is not None and self.mask is not None
+        mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
+        past = self.cache.get_seq_length()
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=self.last[:, None],  # type: ignore[index]
+                attention_mask=mask,
+                position_ids=self.positions[:, None],  # type: ignore[index]
+                past_key_values=self.cache,
+                cache_position=torch.arange(past, past + 1, device=mask.device),
+                use_cache=True,
+            )
+        self.mask = mask
+        self.positions = self.positions + 1  # type: ignore[operator]
+        tracker = RowTracker(self.jobs, self.decode, self.eos_ids)
+        self.last = self._sample(self.jobs, out.logits[:, -1, :], tracker)
+        self.aborted += tracker.aborted
+        for job in self.jobs:  # context exhausted: the job ends where generate would stop
+            if job.finish_reason is None and job.prompt_tokens + len(job.token_ids) >= self.max_len:
+                job.finish_reason = "length"
+        self.on_step()
+        self._drop_finished()
+
+    def _drop_finished(self) -> None:
+        done = [i for i, job in enumerate(self.jobs) if job.finish_reason is not None]
+        if not done:
+            return
+        for i in done:
+            job = self.jobs[i]
+            RowTracker._stream(job)
+            job.emit(("done", job.finish_reason))
+        keep = [i for i in range(len(self.jobs)) if i not in set(done)]
+        if not keep:
+            self.reset()
+            return
+        index = torch.tensor(keep, device=self.mask.device)  # type: ignore[union-attr]
+        self.jobs = [self.jobs[i] for i in keep]
+        self.mask = self.mask[index]  # type: ignore[index]
+        self.positions, self.last = self.positions[index], self.last[index]  # type: ignore[index]
+        # Columns that are padding for every remaining row are dead weight: trim them.
+        first = int((self.mask.cumsum(1) > 0).float().argmax(1).min())
+        if first > 0:
+            self.mask = self.mask[:, first:]
+        for layer in self.cache.layers:  # type: ignore[union-attr]
+            layer.keys = layer.keys[index][:, :, first:]
+            layer.values = layer.values[index][:, :, first:]
