@@ -182,7 +182,7 @@ def table(rows: list[dict], columns: list[str], ratio_names: list[str], title: s
     widths = [10] * len(columns) + [14] * len(ratio_names)
     lines = [
         title,
-        f"{'size':>9}  {'family':<17}" + "".join(f"{h:>{w}}" for h, w in zip(heads, widths)),
+        f"{'size':>9}  {'family':<17}" + "".join(f"{h:>{w}}" for h, w in zip(heads, widths, strict=True)),
     ]
     for row in rows:
         cells = "".join(

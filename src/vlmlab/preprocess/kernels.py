@@ -1,0 +1,270 @@
+"""Pixel kernels shared by every family: resampling primitives, normalization, tiling.
+
+Where the time goes in the reference processors (transformers issue #34272 and our own
+profiles): per-image ``np.array`` / ``astype(float64)`` round trips, a float64 rescale pass, a
+separate normalize pass with transposes, channels-first copies before a resize that wants
+channels-last, and a final stack/concatenate. What stays here is the resampling primitive itself
+(called exactly as the reference calls it, so the resized uint8 pixels are bit-identical) plus
+one pass that turns uint8 pixels into normalized float32, written straight into the final output
+buffer in the layout the model wants.
+
+Two resampling engines:
+
+* ``"pil"``: ``PIL.Image.resize`` on the decoded image, as transformers' ``*ImageProcessorPil``
+  classes (``image_transforms.resize``) and the Phi-3 / InternVL model-card code do.
+* ``"torch"``: ``torch.nn.functional.interpolate(uint8, antialias=True)``, the call
+  ``torchvision.transforms.v2.functional.resize_image`` makes for transformers' default
+  (torchvision-backend) processors. We hand it a channels-last view of the decoded HWC array:
+  the uint8 kernel works channels-last internally, so the reference's ``permute().contiguous()``
+  copy to planar layout costs ~3x the resize itself and changes nothing in the result (checked in
+  ``tests/test_preprocess_exact.py``).
+
+torch is imported lazily: the PIL paths work without it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+from vlmlab.protocol.errors import ConfigError
+
+Filter = Literal["bicubic", "bilinear", "lanczos"]
+Engine = Literal["pil", "torch"]
+
+# PIL enum per filter name, and the torch ``interpolate`` mode torchvision maps it to
+# (transformers ``image_utils.pil_torch_interpolation_mapping``; torchvision ``InterpolationMode``).
+_PIL_FILTERS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def torch_module() -> Any:
+    """``torch``, or a ConfigError saying how to get it (or avoid needing it)."""
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - torch is installed wherever tests run
+        raise ConfigError(
+            "this preprocessing path needs torch (the torchvision-backend reference resizes with "
+            "torch); install torch or pass backend='pil'",
+            param="backend",
+        ) from e
+    return torch
+
+
+# --------------------------------------------------------------------------- pixels
+
+
+class Pixels:
+    """An RGB uint8 image in whichever form the last operation produced.
+
+    Exactly one of ``pil`` (a ``PIL.Image`` in mode RGB), ``array`` (HWC uint8, any strides) or
+    ``tensor`` (torch uint8 ``(1, 3, H, W)``, any memory format) is set; conversions are lazy
+    and only copy when the consumer needs another form.
+    """
+
+    __slots__ = ("array", "pil", "tensor")
+
+    def __init__(
+        self, pil: Image.Image | None = None, array: np.ndarray | None = None, tensor: Any = None
+    ):
+        self.pil, self.array, self.tensor = pil, array, tensor
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height)."""
+        if self.pil is not None:
+            return self.pil.size
+        if self.array is not None:
+            return self.array.shape[1], self.array.shape[0]
+        return int(self.tensor.shape[3]), int(self.tensor.shape[2])
+
+    def hwc(self) -> np.ndarray:
+        """An (H, W, 3) uint8 view (a copy only when the pixels live in a PIL image)."""
+        if self.array is None:
+            if self.pil is not None:
+                # One copy out of PIL's 4-bytes-per-pixel storage; read-only, never written.
+                self.array = np.asarray(self.pil)
+            else:
+                self.array = self.tensor[0].permute(1, 2, 0).numpy()
+        return self.array
+
+    def to_pil(self) -> Image.Image:
+        if self.pil is None:
+            self.pil = Image.fromarray(np.ascontiguousarray(self.hwc()), "RGB")
+        return self.pil
+
+    def to_tensor(self) -> Any:
+        """``(1, 3, H, W)`` uint8, channels-last when it came from an HWC array (no copy)."""
+        if self.tensor is None:
+            torch = torch_module()
+            with warnings.catch_warnings():
+                # np.asarray(PIL) is read-only; interpolate only reads its input.
+                warnings.filterwarnings("ignore", message=".*not writable.*")
+                self.tensor = torch.from_numpy(self.hwc()).permute(2, 0, 1).unsqueeze(0)
+        return self.tensor
+
+
+def resize(
+    pixels: Pixels,
+    size: tuple[int, int],
+    filter: Filter,
+    engine: Engine,
+    *,
+    reducing_gap: float | None = None,
+) -> Pixels:
+    """Resample ``pixels`` to ``size`` = (width, height) with ``filter`` on ``engine``.
+
+    Same-size requests return the input untouched: PIL's ``resize`` returns a copy and
+    torchvision's ``resize_image`` returns its input for them, so the pixels are identical.
+    ``reducing_gap`` (PIL only) is the fast mode's two-step reduction; exact paths leave it None.
+    """
+    width, height = size
+    if width < 1 or height < 1:
+        raise ConfigError(f"cannot resize to {width}x{height}")
+    if pixels.size == (width, height):
+        return pixels
+    if engine == "pil":
+        out = pixels.to_pil().resize(
+            (width, height), _PIL_FILTERS[filter], reducing_gap=reducing_gap
+        )
+        return Pixels(pil=out)
+    torch = torch_module()
+    # The exact call torchvision makes for uint8 CPU tensors (resize_image: align_corners=False,
+    # antialias=True, native uint8 kernel for bicubic/lanczos; bilinear on AVX2/AVX512 CPUs).
+    out = torch.nn.functional.interpolate(
+        pixels.to_tensor(), size=[height, width], mode=filter, align_corners=False, antialias=True
+    )
+    return Pixels(tensor=out)
+
+
+# --------------------------------------------------------------------------- normalize
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """``(pixel * rescale - mean) / std`` per channel, fused into ``pixel * scale + offset``.
+
+    The references compute ``(float32(pixel / 255) - mean) / std`` in two or three float passes
+    (transformers' PIL backend even rescales in float64 first); the fused form differs from them
+    by a few float32 ulps (< 1e-6 on these value ranges), far inside the 1e-5 tolerance.
+    """
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    rescale: float = 1 / 255
+    scale: np.ndarray = field(init=False, repr=False, compare=False)
+    offset: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        mean = np.asarray(self.mean, dtype=np.float64)
+        std = np.asarray(self.std, dtype=np.float64)
+        object.__setattr__(self, "scale", (self.rescale / std).astype(np.float32))
+        object.__setattr__(self, "offset", (-mean / std).astype(np.float32))
+
+    def value(self, pixel: tuple[int, int, int]) -> np.ndarray:
+        """The normalized float32 value of one RGB pixel (used for constant padding)."""
+        return (np.asarray(pixel, np.float32) * self.scale + self.offset).astype(np.float32)
+
+
+def normalize_into(out: np.ndarray, hwc: np.ndarray, norm: Normalization) -> None:
+    """Write ``normalize(hwc)`` into ``out`` (3, h, w) float32, one plane at a time.
+
+    ``hwc`` may be any uint8 (h, w, 3) view (a tile of a canvas, a transposed tensor); reading it
+    plane by plane and writing contiguous float32 planes is the cheapest numpy order found (two
+    passes per plane, no temporaries).
+    """
+    for c in range(3):
+        plane = out[c]
+        np.multiply(hwc[:, :, c], norm.scale[c], out=plane, dtype=np.float32)
+        plane += norm.offset[c]
+
+
+def normalize_tiles(
+    views: list[np.ndarray], norm: Normalization, tile: tuple[int, int]
+) -> np.ndarray:
+    """Stack same-size HWC uint8 ``views`` into one normalized ``(n, 3, th, tw)`` float32 array."""
+    th, tw = tile
+    out = np.empty((len(views), 3, th, tw), dtype=np.float32)
+    for index, view in enumerate(views):
+        normalize_into(out[index], view, norm)
+    return out
+
+
+def grid_tiles(canvas: np.ndarray, tile_h: int, tile_w: int) -> list[np.ndarray]:
+    """Row-major (top-left first) tiles of an HWC canvas whose sides are multiples of the tile."""
+    rows, cols = canvas.shape[0] // tile_h, canvas.shape[1] // tile_w
+    return [
+        canvas[r * tile_h : (r + 1) * tile_h, c * tile_w : (c + 1) * tile_w]
+        for r in range(rows)
+        for c in range(cols)
+    ]
+
+
+def paste_centered(
+    image: np.ndarray, canvas_hw: tuple[int, int], fill: int, top: int, left: int
+) -> np.ndarray:
+    """A uint8 canvas of ``canvas_hw`` filled with ``fill`` with ``image`` at (top, left)."""
+    canvas = np.full((canvas_hw[0], canvas_hw[1], 3), fill, dtype=np.uint8)
+    canvas[top : top + image.shape[0], left : left + image.shape[1]] = image
+    return canvas
+
+
+# --------------------------------------------------------------------------- cubic (no antialias)
+
+
+def _cubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (out, 4) and weights (out, 4) of Keys' cubic (A = -0.75), half-pixel centres,
+    clamped borders: the rule of ``torch.nn.functional.interpolate(mode="bicubic",
+    align_corners=False, antialias=False)`` and of OpenCV's ``INTER_CUBIC``."""
+    a = -0.75
+    scale = in_size / out_size
+    src = (np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5
+    base = np.floor(src)
+    t = src - base
+    # Keys' kernel at distances 1+t, t, 1-t, 2-t (torch's get_cubic_upsample_coefficients).
+    x1 = t + 1.0
+    w0 = ((a * x1 - 5 * a) * x1 + 8 * a) * x1 - 4 * a
+    w1 = ((a + 2) * t - (a + 3)) * t * t + 1
+    x2 = 1.0 - t
+    w2 = ((a + 2) * x2 - (a + 3)) * x2 * x2 + 1
+    x3 = 2.0 - t
+    w3 = ((a * x3 - 5 * a) * x3 + 8 * a) * x3 - 4 * a
+    weights = np.stack([w0, w1, w2, w3], axis=1).astype(np.float32)
+    index = base.astype(np.int64)[:, None] + np.arange(-1, 3)[None, :]
+    return np.clip(index, 0, in_size - 1), weights
+
+
+def cubic_resize_planes(planes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bicubic (no antialias) resize of float32 (C, H, W) planes to (C, h, w) = ``size`` (h, w).
+
+    Phi-3's global thumbnail is ``F.interpolate(normalized, (336, 336), mode="bicubic")``; it is
+    linear in the pixels, so it is computed here in two separable numpy passes (4 taps each)
+    instead of needing torch. Agrees with torch to ~1e-6.
+    """
+    out_h, out_w = size
+    row_idx, row_w = _cubic_taps(planes.shape[1], out_h)
+    col_idx, col_w = _cubic_taps(planes.shape[2], out_w)
+    rows = np.einsum("chkw,hk->chw", planes[:, row_idx, :], row_w, optimize=True)
+    return np.einsum("chwk,wk->chw", rows[:, :, col_idx], col_w, optimize=True).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- quality
+
+
+def psnr(a: np.ndarray, b: np.ndarray, pixel_scale: float = 1.0) -> float:
+    """PSNR in dB between two tensors of equal shape, with a 255 peak.
+
+    ``pixel_scale`` converts the tensors' units to 0..255 pixel units: for normalized tensors
+    pass ``255 * std`` (the mean of the per-channel stds is close enough for CLIP/SigLIP stats).
+    """
+    diff = (a.astype(np.float64) - b.astype(np.float64)) * pixel_scale
+    mse = float(np.mean(diff * diff))
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
