@@ -634,8 +634,9 @@ def nano_train(
     export: Annotated[Path | None, typer.Option(help="Write the final HF checkpoint here.")] = None,
 ) -> None:
     """Train the nano model on the synthetic tasks (resumable; runs on CPU or a CUDA GPU)."""
-    from vlmlab.nano.train import TrainConfig, train
+    from vlmlab.nano.train import TrainConfig, flush_denormals, train
 
+    flush_denormals()
     accuracy = train(
         TrainConfig(
             out=str(out), minutes=minutes, steps=steps, batch_size=batch_size, lr=lr, seed=seed,

@@ -356,15 +356,9 @@ class HFEngine(Engine):
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        from vlmlab.engines.hf_batching import RowSampler, RowTracker, left_pad_collate
+        from vlmlab.engines.hf_batching import RowSampler, RowTracker, start_batch
 
-        now = time.perf_counter()
-        for job in jobs:
-            job.started = now
-        batch = left_pad_collate(jobs, self.pad_id)
-        batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        if "pixel_values" in batch and batch["pixel_values"].is_floating_point():
-            batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
+        batch = start_batch(jobs, self.pad_id, self.device, self.model.dtype)
         longest = max(j.sampling.max_tokens for j in jobs)
         room = self.max_model_len - batch["input_ids"].shape[1]
         tracker = RowTracker(

@@ -94,6 +94,19 @@ def left_pad_collate(jobs: Sequence[Job], pad_id: int) -> dict[str, Any]:
     return batch
 
 
+def start_batch(jobs: Sequence[Job], pad_id: int, device: str, dtype: torch.dtype) -> dict[str, Any]:
+    """Mark ``jobs`` started and build their model inputs: collated, on ``device``, floating
+    pixel tensors in the model's ``dtype``."""
+    now = time.perf_counter()
+    for job in jobs:
+        job.started = now
+    batch = left_pad_collate(jobs, pad_id)
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if "pixel_values" in batch and batch["pixel_values"].is_floating_point():
+        batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    return batch
+
+
 class RowSampler(LogitsProcessor):
     """Per-row sampling on top of greedy selection (see module docstring)."""
 

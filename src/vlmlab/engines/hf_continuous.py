@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from vlmlab.engines.hf_batching import Job, RowSampler, RowTracker, left_pad_collate
+from vlmlab.engines.hf_batching import Job, RowSampler, RowTracker, start_batch
 
 # Text-model types whose positions are plain 1-D indices (config.text_config.model_type).
 ROPE_1D_TEXT_MODELS = frozenset({"mistral", "llama", "qwen2", "gemma", "phi3", "internlm2"})
@@ -84,13 +84,7 @@ class ContinuousDecoder:
 
     def admit(self, new: list[Job]) -> None:
         """Prefill ``new`` together and merge them into the running batch."""
-        now = time.perf_counter()
-        for job in new:
-            job.started = now
-        batch = left_pad_collate(new, self.pad_id)
-        batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        if "pixel_values" in batch and batch["pixel_values"].is_floating_point():
-            batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
+        batch = start_batch(new, self.pad_id, self.device, self.model.dtype)
         mask = batch["attention_mask"]
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()

@@ -160,9 +160,6 @@ class Trainer:
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
         torch.set_num_threads(cfg.threads)
-        # tiny late-training values (Adam moments, small activations) must not hit the slow
-        # denormal path on CPU; flushing them to zero changes nothing measurable in training
-        torch.set_flush_denormal(True)
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         base = self.out / "base"
         if not (base / "config.json").exists():
@@ -381,8 +378,19 @@ def _parse(argv: list[str] | None = None) -> TrainConfig:
     )  # fmt: skip
 
 
+def flush_denormals() -> None:
+    """Tiny late-training values (Adam moments, small activations) must not hit the slow denormal
+    path on CPU; flushing them to zero changes nothing measurable in training. Process-wide, so
+    only the training entry points call it, never library code (it breaks float-exact work,
+    e.g. hypothesis's subnormal checks, in the same process)."""
+    import torch
+
+    torch.set_flush_denormal(True)
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    flush_denormals()
     acc = train(_parse(argv))
     print(json.dumps(acc, indent=2))
 
