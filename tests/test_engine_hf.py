@@ -252,3 +252,22 @@ def test_load_errors_name_the_problem(tmp_path: Path) -> None:
         path.write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="has no chat template"):
         load_engine(EngineSpec(model=str(broken)))
+
+
+def test_vlmlab_preprocessing_equals_the_model_processor_on_many_sizes(engine) -> None:
+    """The default image path (vlmlab.preprocess + the family's own expansion) against the
+    checkpoint's PixtralProcessor, including images larger than the 192 px edge."""
+    import torch
+
+    assert engine.preprocessor.own_images
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(checkpoint_path())
+    for w, h in [(1, 1), (15, 17), (191, 193), (400, 90), (1200, 1600), (4032, 3024)]:
+        part = image(w, h, "purple", "circle")
+        prepared = engine.preprocessor("[INST][IMG]x[/INST]", [part.data], {})
+        ref = processor(text=["[INST][IMG]x[/INST]"], images=[part.data.image], return_tensors="pt", add_special_tokens=False)
+        assert prepared.inputs["input_ids"].tolist() == ref["input_ids"].tolist(), (w, h)
+        assert torch.equal(prepared.inputs["image_sizes"], ref["image_sizes"])
+        assert torch.allclose(prepared.inputs["pixel_values"], ref["pixel_values"], atol=1e-5), (w, h)
+        assert "resize" in prepared.stages  # timed by vlmlab.preprocess, not the HF processor

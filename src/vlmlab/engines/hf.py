@@ -134,8 +134,11 @@ class HFEngine(Engine):
         self.preprocess_cache: LRUCache[Any] = LRUCache(
             spec.preprocess_cache_bytes, sizeof=lambda image: image.nbytes, name="preprocess"
         )
+        # extra["preprocess"]: "vlmlab" (default) uses vlmlab.preprocess where the family supports
+        # it (proven equal to the model's processor by tests); "hf" always uses the model's own.
         self.preprocessor = RequestPreprocessor(
-            processor, self.tokenizer, family, model_id, self.preprocess_cache, spec.processor_options
+            processor, self.tokenizer, family, model_id, self.preprocess_cache, spec.processor_options,
+            own_images=spec.extra.get("preprocess", "vlmlab") == "vlmlab",
         )
         decoder = None
         if spec.extra.get("continuous_batching", True):

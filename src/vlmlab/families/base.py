@@ -185,6 +185,10 @@ class Family:
             it into any prompt. False where the expansion depends on the other images
             (LLaVA-OneVision drops anyres with several), the placeholder is numbered (Phi's
             ``<|image_1|>``) or tensors are laid out per prompt (Idefics).
+        expand_placeholder: the text one image's placeholder becomes in the HF processor's
+            prompt (e.g. Pixtral's ``[IMG]``/``[IMG_BREAK]``/``[IMG_END]`` grid), where vlmlab can
+            build the image's tokens itself; with :mod:`vlmlab.preprocess` that replaces the HF
+            processor for images.
     """
 
     name: str
@@ -200,6 +204,7 @@ class Family:
     aliases: tuple[str, ...] = ()
     multi_image_rule: Callable[[Sequence[tuple[int, int]], Mapping[str, Any]], list[int]] | None = None
     splice_images: bool = True
+    expand_placeholder: Callable[[ImageLayout], str] | None = None
 
     # -- options -----------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from vlmlab.families.base import Checkpoint, Family, ImageLayout, KVGeometry, OptionSpec
-from vlmlab.families.pixtral import pixtral_layout
+from vlmlab.families.pixtral import expand_placeholder, pixtral_layout
 from vlmlab.protocol.core import Chat, ImagePart
 
 PATCH = 16  # preprocessor_config.json patch_size
@@ -62,6 +62,7 @@ FAMILY = Family(
     options=(),
     max_images=4,  # trained on one- and two-image samples; 4 fits the context at full size
     image_placeholder=IMAGE_TOKEN,
+    expand_placeholder=expand_placeholder,
     checkpoints=(
         Checkpoint(
             hub_id="vlmlab/nano",

@@ -84,6 +84,13 @@ def pixtral_layout(
     )
 
 
+def expand_placeholder(layout: ImageLayout) -> str:
+    """``[IMG]`` as transformers' PixtralProcessor expands it: ``[IMG]*cols + [IMG_BREAK]`` per
+    row, the last break replaced by ``[IMG_END]`` (``processing_pixtral.replace_image_token``)."""
+    rows, cols = layout.grid
+    return ("[IMG]" * cols + "[IMG_BREAK]") * (rows - 1) + "[IMG]" * cols + "[IMG_END]"
+
+
 def image_token_ids(rows: int, cols: int, ids: PixtralSpecialIds = TEKKEN_IDS) -> list[int]:
     """``[IMG]*cols + [IMG_BREAK]`` per row, the last break replaced by ``[IMG_END]``."""
     out = ([ids.img] * cols + [ids.img_break]) * rows
@@ -242,6 +249,7 @@ FAMILY = Family(
     # chats. There is no hard limit in the tokenizer; 8 bounds the 128k context at full size.
     max_images=8,
     image_placeholder="[IMG]",
+    expand_placeholder=expand_placeholder,
     checkpoints=(
         Checkpoint(
             hub_id="mistralai/Pixtral-12B-2409",
