@@ -595,7 +595,12 @@ def test_spec_processor_options_reach_the_processor_and_the_count(loaded: Loaded
     """Options set on the engine (``EngineSpec.processor_options``, as the shipped configs do)
     change the processor's expansion and the family count alike."""
     if loaded.case.options is None:
-        pytest.skip(f"the {loaded.case.family} family has no processor option")
+        # A family without processor options refuses one at load, naming it.
+        from vlmlab.protocol.errors import UnknownOptionError
+
+        with pytest.raises(UnknownOptionError, match="unknown option 'num_crops'"):
+            load_engine(EngineSpec(model=str(loaded.path), device="cpu", dtype="fp32", processor_options={"num_crops": 4}))
+        return
     size, options = loaded.case.options
     engine = load_engine(EngineSpec(model=str(loaded.path), device="cpu", dtype="fp32", processor_options=options))
     try:
