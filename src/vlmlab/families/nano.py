@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from vlmlab.families.base import Checkpoint, Family, ImageLayout, KVGeometry, OptionSpec
+from vlmlab.families.base import Checkpoint, Family, ImageLayout, KVGeometry
 from vlmlab.families.pixtral import expand_placeholder, pixtral_layout
 from vlmlab.protocol.core import Chat, ImagePart
 

@@ -1,0 +1,96 @@
+"""The ``vlmlab`` command: a table of subcommands that parse flags and call library functions.
+
+Errors that a user can cause are :class:`VlmlabError`; :func:`main` prints their message (which
+names the bad value and the fix) and exits with status 2, never with a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from vlmlab.protocol.errors import ConfigError, VlmlabError
+
+app = typer.Typer(
+    name="vlmlab",
+    help="Serve, evaluate, benchmark, compare and plan vision-language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Piped output (CI logs, `| less`) gets a wide table rather than rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+
+def parse_options(pairs: list[str] | None) -> dict[str, str]:
+    """``["num_crops=16", "max_pixels=1003520"]`` -> dict (values typed later by the family)."""
+    options: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--opt {pair!r} must look like NAME=VALUE, e.g. --opt num_crops=16")
+        options[key.strip()] = value.strip()
+    return options
+
+
+def remote_extra(base_url: str | None, api_key: str | None, base: Any = None) -> dict[str, Any] | None:
+    """``EngineSpec.extra`` for the remote engine: ``--base-url`` / ``--remote-api-key`` over a
+    config file's ``extra`` (``base``); ``None`` when neither flag is given."""
+    flags = {k: v for k, v in (("base_url", base_url), ("api_key", api_key)) if v}
+    if not flags:
+        return None
+    return {**(base if isinstance(base, dict) else {}), **flags}
+
+
+QUANTIZATION_HELP = (
+    "Weight quantization: fp8, awq, gptq, bitsandbytes (vllm); bnb-4bit, bnb-8bit (hf on CUDA), "
+    "int8 (hf, torchao weight-only)."
+)
+
+
+def with_quantization(extra: dict[str, Any], quantization: str | None, load_in_4bit: bool, load_in_8bit: bool) -> dict[str, Any]:
+    """``extra`` plus the ``quantization`` the flags ask for (ConfigError when they conflict)."""
+    from vlmlab.engines.quantization import from_flags
+
+    chosen = from_flags(quantization, load_in_4bit, load_in_8bit)
+    return {**extra, "quantization": chosen} if chosen else extra
+
+
+def image_sizes(images: list[str]) -> list[tuple[int, int]]:
+    """Each ``--image`` is ``WIDTHxHEIGHT`` or a file / URL whose header gives the size."""
+    from vlmlab.plan import parse_size
+
+    sizes = []
+    for ref in images:
+        looks_like_size = ref.replace(" ", "").lower().replace("×", "x").split("x")
+        if len(looks_like_size) == 2 and all(p.isdigit() for p in looks_like_size):
+            sizes.append(parse_size(ref))
+        else:
+            from vlmlab.media import MediaPolicy, probe_image
+
+            # Local files named on the command line are the user's own: allow any path.
+            info = probe_image(ref, policy=MediaPolicy(allowed_local_root=Path("/")))
+            sizes.append((info.width, info.height))
+    return sizes
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app(args=argv)
+    except VlmlabError as exc:
+        from rich.markup import escape  # messages name extras like 'vlmlab[vllm]'
+
+        err_console.print(f"[bold red]error:[/bold red] {escape(exc.message)}", highlight=False)
+        sys.exit(2)
+
+
+# The subcommands register themselves on `app` (imported last: they import `app` from here).
+from vlmlab.cli import models, running, analysis  # noqa: E402,F401,I001 (this order is the --help order)

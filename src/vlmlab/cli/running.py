@@ -1,0 +1,228 @@
+"""``vlmlab chat``, ``serve``, ``test-model`` and ``nano``: running models."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from vlmlab.cli import (
+    QUANTIZATION_HELP,
+    app,
+    console,
+    err_console,
+    parse_options,
+    remote_extra,
+    with_quantization,
+)
+
+
+@app.command()
+def chat(
+    question: Annotated[str, typer.Argument(help="The question about the image(s).")],
+    image: Annotated[list[str] | None, typer.Option("--image", "-i", help="Image path or URL. Repeatable.")] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="nano, a family preset, a hub id or a path.")] = "nano",
+    engine: Annotated[str, typer.Option(help="Backend: hf, vllm (NVIDIA GPU), mlx (Apple Silicon) or remote (an OpenAI-compatible server).")] = "hf",
+    base_url: Annotated[str | None, typer.Option(help="remote engine: server URL, e.g. http://host:8000/v1.")] = None,
+    remote_api_key: Annotated[str | None, typer.Option(envvar="VLMLAB_REMOTE_API_KEY", help="remote engine: API key (default: MISTRAL_API_KEY / OPENAI_API_KEY for their URLs).")] = None,
+    quantization: Annotated[str | None, typer.Option(help=QUANTIZATION_HELP)] = None,
+    load_in_4bit: Annotated[bool, typer.Option("--load-in-4bit", help="hf on CUDA: bitsandbytes NF4 (= --quantization bnb-4bit).")] = False,
+    load_in_8bit: Annotated[bool, typer.Option("--load-in-8bit", help="hf on CUDA: bitsandbytes LLM.int8() (= --quantization bnb-8bit).")] = False,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option()] = 1.0,
+    seed: Annotated[int | None, typer.Option()] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32.")] = "auto",
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the checkpoint's own code.")] = False,
+    opt: Annotated[list[str] | None, typer.Option("--opt", help="Processor option NAME=VALUE.")] = None,
+    stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print text as it is generated.")] = True,
+) -> None:
+    """Ask one question about one or more images; prints the answer and a speed line."""
+    from vlmlab.chat import detail_line, run_chat, speed_line
+    from vlmlab.config import EngineSpec
+    from vlmlab.protocol.core import SamplingParams
+
+    spec = EngineSpec(
+        model=model,
+        engine=engine,
+        device=device,  # type: ignore[arg-type]
+        dtype=dtype,  # type: ignore[arg-type]
+        trust_remote_code=trust_remote_code,
+        processor_options=parse_options(opt),
+        extra=with_quantization(remote_extra(base_url, remote_api_key) or {}, quantization, load_in_4bit, load_in_8bit),
+    )
+    if engine.strip().lower() == "vllm":
+        # vLLM's offline LLM.chat: one batch, and vLLM prints its own progress / speed line.
+        spec = dataclasses.replace(spec, extra={"offline": True, **spec.extra})
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+
+    def on_text(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    outcome = run_chat(spec, question, image or [], sampling, on_text if stream else None, system)
+    if not stream:
+        sys.stdout.write(outcome.result.text)
+    sys.stdout.write("\n")
+    err_console.print(speed_line(outcome.result, outcome.wall_s), highlight=False)
+    err_console.print(detail_line(outcome), style="dim", highlight=False)
+
+
+@app.command()
+def serve(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="nano, a family preset, hub id or path.")] = None,
+    engine: Annotated[str | None, typer.Option(help="Engine or fallback chain, e.g. vllm,hf.")] = None,
+    config: Annotated[str | None, typer.Option(help="YAML/JSON config file or preset name.")] = None,
+    base_url: Annotated[str | None, typer.Option(help="remote engine: upstream URL, e.g. http://host:8000/v1.")] = None,
+    remote_api_key: Annotated[str | None, typer.Option(envvar="VLMLAB_REMOTE_API_KEY", help="remote engine: upstream API key.")] = None,
+    quantization: Annotated[str | None, typer.Option(help=QUANTIZATION_HELP)] = None,
+    load_in_4bit: Annotated[bool, typer.Option("--load-in-4bit", help="hf on CUDA: bitsandbytes NF4 (= --quantization bnb-4bit).")] = False,
+    load_in_8bit: Annotated[bool, typer.Option("--load-in-8bit", help="hf on CUDA: bitsandbytes LLM.int8() (= --quantization bnb-8bit).")] = False,
+    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="VLMLAB_API_KEY", help="Require 'Authorization: Bearer KEY'.")] = None,
+    allowed_local_media_path: Annotated[str | None, typer.Option(help="Directory file:// images may come from.")] = None,
+    allowed_media_domains: Annotated[str | None, typer.Option(help="Comma-separated http(s) host allow-list.")] = None,
+    trusted_media_hosts: Annotated[str | None, typer.Option(help="Comma-separated hosts exempt from the private-address guard (e.g. a local image server).")] = None,
+    served_model_name: Annotated[str | None, typer.Option(help="Model id clients send.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto, bf16, fp16 or fp32.")] = None,
+    trust_remote_code: Annotated[bool | None, typer.Option("--trust-remote-code/--no-trust-remote-code")] = None,
+    max_model_len: Annotated[int | None, typer.Option()] = None,
+    max_batch_size: Annotated[int | None, typer.Option(help="Requests decoded together.")] = None,
+    max_images: Annotated[int | None, typer.Option(help="Images per request.")] = None,
+    max_image_bytes: Annotated[str | None, typer.Option(help="Per-image byte cap, e.g. 20MiB.")] = None,
+    max_image_pixels: Annotated[int | None, typer.Option(help="Per-image pixel cap.")] = None,
+    max_concurrency: Annotated[int | None, typer.Option(help="Requests in the engine at once.")] = None,
+    max_queue: Annotated[int | None, typer.Option(help="Requests waiting beyond that (then 429).")] = None,
+    request_timeout: Annotated[float | None, typer.Option(help="Seconds per request (then 504).")] = None,
+    preprocess_cache: Annotated[str | None, typer.Option(help="Preprocessing cache size, e.g. 256MiB; 0 = off.")] = None,
+    response_cache: Annotated[int | None, typer.Option(help="Response cache entries; 0 = off.")] = None,
+    opt: Annotated[list[str] | None, typer.Option("--opt", help="Processor default NAME=VALUE.")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning.")] = "info",
+) -> None:
+    """Serve a model behind the OpenAI chat-completions API (default: nano on 127.0.0.1:8000)."""
+    import uvicorn
+
+    from vlmlab.config import read_config_file, server_settings
+    from vlmlab.server import create_app
+
+    file_settings = read_config_file(config) if config else None
+    settings = server_settings(
+        file_settings,
+        extra=remote_extra(base_url, remote_api_key, (file_settings or {}).get("extra")),
+        model=model, engine=engine, host=host, port=port, api_key=api_key,
+        allowed_local_media_path=allowed_local_media_path, allowed_media_domains=allowed_media_domains,
+        trusted_media_hosts=trusted_media_hosts,
+        served_model_name=served_model_name, device=device, dtype=dtype,
+        trust_remote_code=trust_remote_code, max_model_len=max_model_len,
+        max_batch_size=max_batch_size, max_images=max_images, max_image_bytes=max_image_bytes,
+        max_image_pixels=max_image_pixels, max_concurrency=max_concurrency, max_queue=max_queue,
+        request_timeout_s=request_timeout, preprocess_cache_bytes=preprocess_cache,
+        response_cache_entries=response_cache, processor_options=parse_options(opt) or None,
+    )  # fmt: skip
+    chosen = with_quantization({}, quantization, load_in_4bit, load_in_8bit)
+    if chosen:  # every engine of the chain, whatever extra each one has from the config file
+        engines = tuple(dataclasses.replace(s, extra={**s.extra, **chosen}) for s in settings.engines)
+        settings = dataclasses.replace(settings, engines=engines)
+    logging.getLogger("vlmlab").setLevel(log_level.upper())
+    console.print(f"[bold]vlmlab serve[/bold] {settings.model_name} on http://{settings.host}:{settings.port}/v1")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level.lower())
+
+
+@app.command("test-model")
+def test_model_command(
+    model: Annotated[str, typer.Argument(help="nano, a family preset, a hub id or a path.")] = "nano",
+    engine: Annotated[str, typer.Option(help="Backend.")] = "hf",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    trust_remote_code: Annotated[bool, typer.Option()] = False,
+    max_tokens: Annotated[int, typer.Option()] = 16,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Check a model end to end: load, one answer per task type, streaming, multi-image, usage."""
+    from vlmlab.config import EngineSpec
+    from vlmlab.testing import test_model
+
+    spec = EngineSpec(model=model, engine=engine, device=device, trust_remote_code=trust_remote_code)  # type: ignore[arg-type]
+    report = test_model(spec, max_tokens=max_tokens)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        table = Table(title=f"vlmlab test-model {model} ({report.family or 'unknown family'})")
+        for column in ("check", "result", "detail", "s"):
+            table.add_column(column)
+        for check in report.checks:
+            mark = "[green]pass[/green]" if check.passed else "[red]FAIL[/red]"
+            table.add_row(check.name, mark, check.detail, f"{check.seconds:.2f}")
+        console.print(table)
+        answers = Table(title="answers")
+        for column in ("task", "question", "answer", "expected"):
+            answers.add_column(column)
+        for row in report.answers:
+            answers.add_row(row["task"], row["question"], repr(row["answer"]), row["expected"] + (" ✓" if row["correct"] else ""))
+        console.print(answers)
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+nano_app = typer.Typer(help="The embedded nano model: train it, evaluate it.", no_args_is_help=True)
+app.add_typer(nano_app, name="nano")
+
+
+@nano_app.command("eval")
+def nano_eval(
+    n: Annotated[int, typer.Option("--n", help="Held-out samples (spread over the task types).")] = 500,
+    seed: Annotated[int, typer.Option(help="Eval seed (held out from training).")] = 1,
+    model_dir: Annotated[Path | None, typer.Option(help="Checkpoint directory (default: packaged).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print {\"accuracy\": {...}}.")] = False,
+) -> None:
+    """Exact-match accuracy per task type on freshly generated samples."""
+    from vlmlab.nano.evaluate import evaluate
+
+    accuracy = evaluate(model_dir, n=n, seed=seed)
+    if as_json:
+        typer.echo(json.dumps({"accuracy": accuracy, "n": n, "seed": seed}))
+        return
+    table = Table(title=f"nano held-out exact match (n={n}, seed={seed})")
+    table.add_column("task")
+    table.add_column("accuracy", justify="right")
+    for task, value in accuracy.items():
+        table.add_row(task, f"{value:.3f}")
+    console.print(table)
+
+
+@nano_app.command("train")
+def nano_train(
+    out: Annotated[Path, typer.Option(help="Run directory: checkpoints, metrics, best/ (resumes from it).")],
+    minutes: Annotated[float | None, typer.Option(help="Training-time budget in minutes.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer-step budget.")] = None,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    lr: Annotated[float, typer.Option()] = 3e-4,
+    seed: Annotated[int, typer.Option()] = 0,
+    eval_every: Annotated[int, typer.Option(help="Steps between held-out evaluations.")] = 500,
+    eval_n: Annotated[int, typer.Option(help="Held-out samples per evaluation.")] = 300,
+    checkpoint_minutes: Annotated[float, typer.Option()] = 5.0,
+    threads: Annotated[int, typer.Option(help="CPU threads.")] = 2,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
+    export: Annotated[Path | None, typer.Option(help="Write the final HF checkpoint here.")] = None,
+) -> None:
+    """Train the nano model on the synthetic tasks (resumable; runs on CPU or a CUDA GPU)."""
+    from vlmlab.nano.train import TrainConfig, flush_denormals, train
+
+    flush_denormals()
+    accuracy = train(
+        TrainConfig(
+            out=str(out), minutes=minutes, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+            eval_every=eval_every, eval_n=eval_n, checkpoint_minutes=checkpoint_minutes,
+            threads=threads, device=device, export=str(export) if export else None,
+        )
+    )  # fmt: skip
+    typer.echo(json.dumps({"accuracy": accuracy}))
