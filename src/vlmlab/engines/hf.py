@@ -200,7 +200,13 @@ class HFEngine(Engine):
         if not quant.places_weights:  # bitsandbytes put the weights on the GPU while loading
             model.to(device)
         quant.finish(model.eval())
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        # Intra-op threads pay off for big matrices only: on a tiny model (nano, 2M parameters)
+        # every op is dispatch-bound and a second thread only adds synchronisation (measured:
+        # 1 thread decodes 1.4-1.5x faster than 2 on this CPU, benchmarks/engine_hf.py).
+        # extra["torch_threads"] overrides.
+        params = sum(p.numel() for p in model.parameters())
+        default_threads = 1 if params < 100_000_000 else max(1, os.cpu_count() or 1)
+        torch.set_num_threads(int(spec.extra.get("torch_threads", default_threads)))
         return cls(spec, model, processor, family, spec.model, device, quant.label(dtype), time.perf_counter() - start)
 
     @staticmethod
