@@ -271,3 +271,15 @@ def test_vlmlab_preprocessing_equals_the_model_processor_on_many_sizes(engine) -
         assert torch.equal(prepared.inputs["image_sizes"], ref["image_sizes"])
         assert torch.allclose(prepared.inputs["pixel_values"], ref["pixel_values"], atol=1e-5), (w, h)
         assert "resize" in prepared.stages  # timed by vlmlab.preprocess, not the HF processor
+
+
+@pytest.mark.parametrize("lengths", [[], [5], [30, 150, 31, 152, 90, 88, 40, 41, 120], [10] * 16, [1, 1000, 2, 999]])
+def test_prefill_length_groups_bound_the_padding(lengths) -> None:
+    from vlmlab.engines.hf_continuous import length_groups
+
+    groups = length_groups(lengths, slack=1.3)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # each index once
+    for g in groups:
+        assert len(g) * max(lengths[i] for i in g) <= 1.3 * sum(lengths[i] for i in g)
+    if lengths == [10] * 16:
+        assert len(groups) == 1  # equal lengths are never split

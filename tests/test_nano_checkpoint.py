@@ -214,3 +214,44 @@ def test_packaged_checkpoint_batched_decoding_equals_one_by_one() -> None:
     assert predict(model, processor, samples, batch_size=5) == predict(
         model, processor, samples, batch_size=1
     )
+
+
+def test_pools_from_worker_processes_equal_pools_built_in_process(tmp_path: Path, ckpt: Path) -> None:
+    tr = _trainer(tmp_path / "run", ckpt, steps=1)
+    tr.cfg.data_workers = 1
+    from_workers = [tr._pool_at(0), tr._pool_at(8)]  # two pools of 2 batches x 4 samples
+    here = [tr._build_pool(0), tr._build_pool(8)]
+    tr._feed = None
+    for a, b in zip(from_workers, here):
+        for x, y in zip(a, b, strict=True):
+            assert x.keys() == y.keys()
+            assert all(torch.equal(x[k], y[k]) for k in x)
+    assert from_workers[0][0]["pixel_values"].dtype == torch.float16  # halved for the transfer
+
+
+def test_grown_checkpoint_computes_the_same_function(tmp_path: Path, ckpt: Path, processor) -> None:
+    from vlmlab.nano.build import grow_checkpoint
+    from vlmlab.nano.data import question_prompt
+    from vlmlab.protocol.errors import ConfigError
+
+    grown = grow_checkpoint(ckpt, tmp_path / "grown", vision_layers=3, seed=1)
+    old = AutoModelForImageTextToText.from_pretrained(ckpt).eval()
+    new = AutoModelForImageTextToText.from_pretrained(grown).eval()
+    assert new.config.vision_config.num_hidden_layers == 3
+    samples = generate(3, seed=4)
+    enc = processor(text=[question_prompt(s) for s in samples], images=[s.images for s in samples],
+                    padding=True, return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        assert torch.allclose(old(**enc).logits, new(**enc).logits, atol=1e-5)
+    with pytest.raises(ConfigError, match="already has 3"):
+        grow_checkpoint(grown, tmp_path / "again", vision_layers=3)
+
+
+@pytest.mark.parametrize("text", ["vision_layers=x", "colour=3", "vision_layers"])
+def test_bad_arch_overrides_name_the_item(text: str) -> None:
+    from vlmlab.nano.train import _parse_arch
+    from vlmlab.protocol.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="bad --arch item"):
+        _parse_arch(text)
+    assert _parse_arch("vision_layers=4, vision_hidden=192") == {"vision_layers": 4, "vision_hidden": 192}

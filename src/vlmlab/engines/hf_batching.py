@@ -115,10 +115,12 @@ class RowSampler(LogitsProcessor):
         self.eos_ids = sorted(eos_ids)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        quiet = [row for row, job in enumerate(self.jobs) if job.sampling.ignore_eos]
+        if quiet and self.eos_ids:  # one indexing op for every ignore_eos row
+            rows = torch.tensor(quiet, device=scores.device)[:, None]
+            scores[rows, torch.tensor(self.eos_ids, device=scores.device)] = float("-inf")
         for row, job in enumerate(self.jobs):
             params = job.sampling
-            if params.ignore_eos and self.eos_ids:
-                scores[row, self.eos_ids] = float("-inf")
             if params.greedy or job.finish_reason is not None:
                 continue
             logits = scores[row].float() / params.temperature

@@ -37,6 +37,27 @@ def supports_continuous(model: Any) -> bool:
     return not isinstance(scaling, dict) or scaling.get("rope_type", "default") == "default"
 
 
+# Prefills at least this many (padded) tokens may use more intra-op threads than decode steps.
+PREFILL_WIDE_TOKENS = 256
+
+
+def length_groups(lengths: list[int], slack: float = 1.3) -> list[list[int]]:
+    """Indices of ``lengths`` in groups of similar length, shortest first, such that padding a
+    group to its longest member costs at most ``slack`` times its real tokens."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    total = 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if current and (len(current) + 1) * lengths[i] > slack * (total + lengths[i]):
+            groups.append(current)
+            current, total = [], 0
+        current.append(i)
+        total += lengths[i]
+    if current:
+        groups.append(current)
+    return groups
+
+
 def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     missing = width - tensor.shape[dim]
     if missing <= 0:
@@ -49,8 +70,12 @@ def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 class ContinuousDecoder:
     """The running batch: its jobs, KV cache, attention mask, next positions and last tokens."""
 
-    def __init__(self, model: Any, pad_id: int, eos_ids: set[int], decode: Callable[[list[int]], str], device: str, on_step: Callable[[], None]):
+    def __init__(
+        self, model: Any, pad_id: int, eos_ids: set[int], decode: Callable[[list[int]], str], device: str,
+        on_step: Callable[[], None], prefill_threads: int = 1,
+    ):  # fmt: skip
         self.model = model
+        self.prefill_threads = prefill_threads
         self.pad_id = pad_id
         self.eos_ids = eos_ids
         self.decode = decode
@@ -83,13 +108,28 @@ class ContinuousDecoder:
         return tokens
 
     def admit(self, new: list[Job]) -> None:
-        """Prefill ``new`` together and merge them into the running batch."""
+        """Prefill ``new`` in groups of similar prompt length (left-padding a short prompt to a
+        long one's length is computation thrown away) and merge them into the running batch."""
+        for group in length_groups([job.prompt_tokens for job in new]):
+            self._admit([new[i] for i in group])
+
+    def _admit(self, new: list[Job]) -> None:
         batch = start_batch(new, self.pad_id, self.device, self.model.dtype)
         mask = batch["attention_mask"]
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        with torch.inference_mode():
-            out = self.model(**batch, position_ids=position_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        # A prefill is one big matrix product per weight: worth every core, where a decode step
+        # (many tiny ops) is fastest on one. Restored before the next step.
+        decode_threads = torch.get_num_threads()
+        wide = self.prefill_threads > decode_threads and mask.numel() >= PREFILL_WIDE_TOKENS
+        if wide:
+            torch.set_num_threads(self.prefill_threads)
+        try:
+            with torch.inference_mode():
+                out = self.model(**batch, position_ids=position_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        finally:
+            if wide:
+                torch.set_num_threads(decode_threads)
         tracker = RowTracker(new, self.decode, self.eos_ids)
         tokens = self._sample(new, out.logits[:, -1, :], tracker)
         self.aborted += tracker.aborted

@@ -238,3 +238,37 @@ def save_checkpoint(model: Any, processor: Any, out_dir: str | Path) -> None:
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     info = {"format": "vlmlab-nano", "params": sum(p.numel() for p in model.parameters())}
     (out / "vlmlab_nano.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def grow_checkpoint(src: str | Path, dst: str | Path, vision_layers: int, seed: int = 0) -> Path:
+    """Copy the checkpoint in ``src`` to ``dst`` with its vision tower deepened to
+    ``vision_layers`` layers, computing exactly the same function.
+
+    The new layers go after the trained ones with freshly initialised weights, except that the
+    two projections writing into the residual stream (attention ``o_proj``, feed-forward
+    ``down_proj``) start at zero: each new layer adds nothing until training moves them, so a
+    longer run keeps everything the checkpoint already knows (block expansion).
+
+    Raises:
+        ConfigError: ``vision_layers`` is not more than the checkpoint already has.
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vlmlab.protocol.errors import ConfigError
+
+    old = AutoModelForImageTextToText.from_pretrained(src)
+    have = old.config.vision_config.num_hidden_layers
+    if vision_layers <= have:
+        raise ConfigError(f"--vision-layers {vision_layers}: the checkpoint already has {have}")
+    config = old.config
+    config.vision_config.num_hidden_layers = vision_layers
+    new = build_model(config, seed)
+    missing, unexpected = new.load_state_dict(old.state_dict(), strict=False)
+    assert not unexpected and all(".transformer.layers." in k for k in missing), (missing, unexpected)
+    with torch.no_grad():
+        for layer in new.model.vision_tower.transformer.layers[have:]:
+            layer.attention.o_proj.weight.zero_()
+            layer.feed_forward.down_proj.weight.zero_()
+    save_checkpoint(new, AutoProcessor.from_pretrained(src), dst)
+    return Path(dst)

@@ -58,6 +58,8 @@ class TrainConfig:
     eval_n: int = 300
     checkpoint_minutes: float = 5.0
     threads: int = 2
+    data_workers: int = 0  # processes building pools ahead of the trainer (0: in-process)
+    arch: dict[str, int] = field(default_factory=dict)  # NanoArch overrides for a new run
     device: str | None = None
     bf16: bool = True
     export: str | None = None
@@ -122,14 +124,18 @@ def _atomic_export(model: Any, processor: Any, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def forward_loss(model: Any, batch: dict[str, Any]) -> Any:
+def forward_loss(model: Any, batch: dict[str, Any], per_image: bool = True) -> Any:
     """The model's training loss, with the vision tower run one image at a time.
 
-    Same result as ``model(**batch).loss`` (a test checks it), but faster: Pixtral's tower
-    concatenates a batch's patches into one sequence with a block-diagonal mask, whose
-    attention cost grows with the square of the whole batch's patch count.
+    Same result as ``model(**batch).loss`` (a test checks it), but faster on a CPU: Pixtral's
+    tower concatenates a batch's patches into one sequence with a block-diagonal mask, whose
+    attention cost grows with the square of the whole batch's patch count. On a GPU that
+    quadratic term is cheap and one call beats dozens of small launches: ``per_image=False``.
     """
     import torch
+
+    if not per_image:
+        return model(**batch).loss
 
     inner = model.model
     tower = inner.vision_tower
@@ -147,6 +153,64 @@ def forward_loss(model: Any, batch: dict[str, Any]) -> Any:
     ).loss
 
 
+def build_pool(processor: Any, cfg: TrainConfig, pad_id: int, start: int) -> list[dict[str, Any]]:
+    """``pool_batches`` batches from samples ``start, ...``, grouped by length and shuffled;
+    a function of ``(seed, start)`` only, so a resumed run rebuilds the same pool."""
+    from vlmlab.nano.data import collate, encode_training
+    from vlmlab.nano.tasks import make_sample
+
+    n = cfg.batch_size * cfg.pool_batches
+    encoded = []
+    for i in range(start, start + n):
+        sample = make_sample(i, seed=cfg.seed, tasks=cfg.tasks)
+        encoded.append(
+            encode_training(sample, processor, random.Random(f"{cfg.seed}:{i}"), cfg.max_extra_turns)
+        )
+    encoded.sort(key=lambda e: len(e.input_ids))
+    batches = [collate(encoded[k : k + cfg.batch_size], pad_id) for k in range(0, n, cfg.batch_size)]
+    random.Random(f"{cfg.seed}:pool:{start}").shuffle(batches)
+    return batches
+
+
+class _Pools:
+    """Map-style dataset: item ``k`` is the pool that starts at sample ``k * pool size``. Each
+    worker process loads the processor once, on its first item."""
+
+    def __init__(self, base: Path, cfg: TrainConfig, pad_id: int) -> None:
+        self.base, self.cfg, self.pad_id = base, cfg, pad_id
+        self.processor: Any = None
+
+    def __getitem__(self, k: int) -> list[dict[str, Any]]:
+        if self.processor is None:
+            from transformers import AutoProcessor
+
+            self.processor = AutoProcessor.from_pretrained(self.base)
+        start = k * self.cfg.batch_size * self.cfg.pool_batches
+        return _half_pixels(build_pool(self.processor, self.cfg, self.pad_id, start))
+
+
+def _half_pixels(pool: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pixels in fp16: half the shared memory in flight from the workers (the trainer casts
+    back to fp32; bf16 autocast rounds further anyway)."""
+    for batch in pool:
+        batch["pixel_values"] = batch["pixel_values"].half()
+    return pool
+
+
+def _pool_loader(base: Path, cfg: TrainConfig, pad_id: int, first: int) -> Any:
+    """Pools ``first, first + 1, ...`` built by ``cfg.data_workers`` processes, in order,
+    handed over in shared memory (torch's DataLoader, one pool per item, no collation)."""
+    import itertools
+
+    from torch.utils.data import DataLoader
+
+    return DataLoader(
+        _Pools(base, cfg, pad_id), batch_size=None, sampler=itertools.count(first),
+        num_workers=cfg.data_workers, prefetch_factor=2, persistent_workers=False,
+        multiprocessing_context="spawn",
+    )  # fmt: skip
+
+
 class Trainer:
     """Holds the model, optimizer, schedule and data position of one run."""
 
@@ -154,7 +218,7 @@ class Trainer:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from vlmlab.nano.build import build_checkpoint
+        from vlmlab.nano.build import NanoArch, build_checkpoint
 
         self.cfg = cfg
         self.out = Path(cfg.out)
@@ -163,7 +227,7 @@ class Trainer:
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         base = self.out / "base"
         if not (base / "config.json").exists():
-            build_checkpoint(base, seed=cfg.seed)
+            build_checkpoint(base, seed=cfg.seed, arch=NanoArch(**cfg.arch))
         self.processor = AutoProcessor.from_pretrained(base)
         self.model = AutoModelForImageTextToText.from_pretrained(base).to(self.device)
         self.model.train()
@@ -178,6 +242,8 @@ class Trainer:
         self.rng = random.Random(cfg.seed)
         self.best = -1.0
         self.queue: list[dict[str, Any]] = []  # the current pool (rebuilt lazily on resume)
+        self._feed: Any = None  # iterator over pools built by worker processes
+        self._feed_next = -1  # the pool start that iterator yields next
         state = self.out / "state.pt"
         if state.exists():
             self.load(state)
@@ -224,32 +290,27 @@ class Trainer:
 
     # -- data -------------------------------------------------------------------------------
     def _build_pool(self, start: int) -> list[dict[str, Any]]:
-        """``pool_batches`` batches from samples ``start, ...``, grouped by length and shuffled;
-        a function of ``(seed, start)`` only, so a resumed run rebuilds the same pool."""
-        from vlmlab.nano.data import collate, encode_training
-        from vlmlab.nano.tasks import make_sample
+        """The pool of batches for samples ``start, ...`` (see :func:`build_pool`), with pixels
+        in fp16 when worker processes build the others, so a resumed pool matches theirs."""
+        pool = build_pool(self.processor, self.cfg, self.pad_id, start)
+        return _half_pixels(pool) if self.cfg.data_workers > 0 else pool
 
+    def _pool_at(self, start: int) -> list[dict[str, Any]]:
+        """The pool at ``start``: from the worker processes when they are building pools
+        (they run ahead, in order), else built here. Same batches either way."""
         n = self.cfg.batch_size * self.cfg.pool_batches
-        encoded = []
-        for i in range(start, start + n):
-            sample = make_sample(i, seed=self.cfg.seed, tasks=self.cfg.tasks)
-            encoded.append(
-                encode_training(sample, self.processor, random.Random(f"{self.cfg.seed}:{i}"),
-                                self.cfg.max_extra_turns)
-            )  # fmt: skip
-        encoded.sort(key=lambda e: len(e.input_ids))
-        batches = [
-            collate(encoded[k : k + self.cfg.batch_size], self.pad_id)
-            for k in range(0, n, self.cfg.batch_size)
-        ]
-        random.Random(f"{self.cfg.seed}:pool:{start}").shuffle(batches)
-        return batches
+        if self.cfg.data_workers <= 0 or start % n:
+            return self._build_pool(start)
+        if self._feed is None or self._feed_next != start:
+            self._feed = iter(_pool_loader(self.out / "base", self.cfg, self.pad_id, start // n))
+        self._feed_next = start + n
+        return next(self._feed)
 
     def next_batch(self) -> dict[str, Any]:
         if self.pool_used >= len(self.queue):
             if self.queue:
                 self.pool_start = self.next_index
-            self.queue = self._build_pool(self.pool_start)
+            self.queue = self._pool_at(self.pool_start)
             self.next_index = self.pool_start + self.cfg.batch_size * self.cfg.pool_batches
             self.pool_used = 0
         batch = self.queue[self.pool_used]
@@ -261,11 +322,12 @@ class Trainer:
         import torch
 
         batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch["pixel_values"] = batch["pixel_values"].float()
         for g in self.opt.param_groups:
             g["lr"] = self.sched.lr()
         use_bf16 = self.cfg.bf16
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = forward_loss(self.model, batch)
+            loss = forward_loss(self.model, batch, per_image=self.device.type == "cpu")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -311,6 +373,7 @@ class Trainer:
                 if time.monotonic() - last_ckpt > 60 * self.cfg.checkpoint_minutes:
                     self.save()
                     last_ckpt = time.monotonic()
+        self._feed = None  # stops the data workers
         acc = self._eval_and_keep_best()
         self.save()
         if self.cfg.export:
@@ -364,6 +427,10 @@ def _parse(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--eval-n", type=int, default=300, help="held-out samples per evaluation")
     p.add_argument("--checkpoint-minutes", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--data-workers", type=int, default=0,
+                   help="processes that build batches ahead of the trainer (for a GPU run)")
+    p.add_argument("--arch", default="",
+                   help="model sizes for a new run, e.g. vision_layers=4,vision_hidden=192")
     p.add_argument("--device", help="cpu / cuda (default: cuda when available)")
     p.add_argument("--no-bf16", action="store_true", help="train in fp32 (no bf16 autocast)")
     p.add_argument("--export", help="write the final HF checkpoint here")
@@ -373,9 +440,27 @@ def _parse(argv: list[str] | None = None) -> TrainConfig:
         out=a.out, steps=a.steps, minutes=a.minutes, batch_size=a.batch_size, lr=a.lr,
         seed=a.seed, tasks=tuple(a.tasks.split(",")) if a.tasks else DEFAULT_MIX,
         eval_every=a.eval_every, eval_n=a.eval_n, checkpoint_minutes=a.checkpoint_minutes,
-        threads=a.threads, device=a.device, bf16=not a.no_bf16, export=a.export,
+        threads=a.threads, data_workers=a.data_workers, arch=_parse_arch(a.arch), device=a.device,
+        bf16=not a.no_bf16, export=a.export,
         progress=not a.no_progress,
     )  # fmt: skip
+
+
+def _parse_arch(text: str) -> dict[str, int]:
+    """``"vision_layers=4,vision_hidden=192"`` -> a dict of NanoArch overrides (names checked)."""
+    from dataclasses import fields
+
+    from vlmlab.nano.build import NanoArch
+    from vlmlab.protocol.errors import ConfigError
+
+    known = {f.name for f in fields(NanoArch)}
+    out: dict[str, int] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, _, value = item.partition("=")
+        if key not in known or not value.strip().isdigit():
+            raise ConfigError(f"bad --arch item {item!r}: use NAME=INT with NAME one of {sorted(known)}")
+        out[key] = int(value)
+    return out
 
 
 def flush_denormals() -> None:
