@@ -622,3 +622,57 @@ def test_spec_option_unknown_to_the_family_fails_at_load(tmp_path: Path) -> None
     build_qwen2_vl(tmp_path)
     with pytest.raises(UnknownOptionError, match="num_crops"):
         load_engine(EngineSpec(model=str(tmp_path), device="cpu", processor_options={"num_crops": 4}))
+
+
+def test_vlmlab_image_path_equals_the_processor_where_the_family_expands_itself(loaded: Loaded) -> None:
+    """Families that expand their own placeholder (Qwen2-VL / 2.5-VL, LLaVA-NeXT here) run
+    images through vlmlab.preprocess, proven at load against the checkpoint's processor; the
+    request inputs equal the processor's own output on sizes beyond the probes, with options."""
+    family = get_family(loaded.case.family)
+    pre = loaded.engine.preprocessor
+    assert pre.own_images == (family.expand_placeholder is not None), loaded.case.name
+    if not pre.own_images:
+        return
+    text = f"a{family.image_placeholder}b"
+    sizes = [*loaded.case.sizes, (641, 479), (1500, 90)]
+    option_sets = [{}] + ([loaded.case.options[1]] if loaded.case.options else [])
+    for (w, h), options in [(s, o) for s in sizes for o in option_sets]:
+        part = make_image(w, h)
+        pre.cache.clear()
+        mine = pre(text, [part.data], options).inputs
+        ref = loaded.processor(text=[text], images=[[part.data.image]], return_tensors="pt",
+                               add_special_tokens=False, **options)  # fmt: skip
+        label = (loaded.case.name, w, h, options)
+        assert mine["input_ids"].tolist() == ref["input_ids"].tolist(), label
+        for name, value in ref.items():
+            if name in ("input_ids", "attention_mask"):
+                continue
+            assert name in mine, (label, name)
+            assert mine[name].shape == value.shape, (label, name)
+            assert torch.allclose(mine[name].to(value.dtype), value, atol=1e-5), (label, name)
+
+
+def test_a_processor_config_the_family_does_not_know_turns_the_vlmlab_path_off(tmp_path: Path) -> None:
+    """A checkpoint whose image processor differs from the family's defaults (here a custom
+    max_pixels in its preprocessor config) fails the load-time proof: the engine then uses the
+    processor, and still answers."""
+    import json
+
+    case = next(c for c in CASES if c.name == "qwen2_vl")
+    case.build(tmp_path)
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        path = tmp_path / name
+        if path.exists():
+            config = json.loads(path.read_text())
+            target = config.get("image_processor", config)
+            target["max_pixels"] = 28 * 28 * 4
+            if isinstance(target.get("size"), dict):
+                target["size"]["longest_edge"] = 28 * 28 * 4
+            path.write_text(json.dumps(config))
+    engine = load_engine(EngineSpec(model=str(tmp_path), device="cpu", dtype="fp32"))
+    try:
+        assert not engine.preprocessor.own_images
+        result = asyncio.run(complete(engine, request_of(specs_for(case)[0])))
+        assert result.image_tokens == 4 + 2  # 2x2 merged patches + vision start / end
+    finally:
+        engine.close()

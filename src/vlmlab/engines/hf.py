@@ -140,6 +140,9 @@ class HFEngine(Engine):
             processor, self.tokenizer, family, model_id, self.preprocess_cache, spec.processor_options,
             own_images=spec.extra.get("preprocess", "vlmlab") == "vlmlab",
         )
+        problem = self.preprocessor.prove_own()
+        if problem:
+            logger.warning("%s: using the model's own processor for images (%s)", model_id, problem)
         decoder = None
         if spec.extra.get("continuous_batching", True):
             from vlmlab.engines.hf_continuous import ContinuousDecoder, supports_continuous

@@ -199,8 +199,10 @@ class RequestPreprocessor:
 
         assert self.family is not None and self.family.expand_placeholder is not None
         merged = {**self.defaults, **options}
-        if self.family.name == "pixtral":
-            merged.setdefault("variant", "hf")  # this engine runs transformers' port
+        if self.family.name in ("pixtral", "qwen2_vl", "qwen2_5_vl"):
+            merged.setdefault("variant", "hf")  # this engine runs transformers' processor rules
+        if self.family.name != "pixtral" or merged.get("variant") == "hf":
+            merged.setdefault("backend", self._backend())
         cache_key = json_key(merged)
         if cache_key not in self._fast:
             self._fast[cache_key] = get_preprocessor(self.family.name, "exact", **merged)
@@ -209,4 +211,49 @@ class RequestPreprocessor:
             prepared.stages[stage] = prepared.stages.get(stage, 0.0) + seconds
         ids = self.tokenizer(self.family.expand_placeholder(out.grid), add_special_tokens=False)["input_ids"]
         tensors = {k: torch.from_numpy(v) for k, v in out.tensors.items()}
-        return ProcessedImage(key, data.width, data.height, tuple(ids), tensors, tensor_bytes(tensors) + 8 * len(ids), {})
+        per_token: dict[str, torch.Tensor] = {}
+        if getattr(self.processor, "return_mm_token_type_ids", False):  # Qwen: 1 on image tokens
+            per_token["mm_token_type_ids"] = torch.tensor(self.processor.create_mm_token_type_ids([list(ids)]))
+        nbytes = tensor_bytes(tensors) + tensor_bytes(per_token) + 8 * len(ids)
+        return ProcessedImage(key, data.width, data.height, tuple(ids), tensors, nbytes, per_token)
+
+    def _backend(self) -> str:
+        """Which transformers implementation the loaded image processor is: the ``*Pil`` classes
+        (``use_fast=False``) or the default torchvision-backed ones."""
+        name = type(getattr(self.processor, "image_processor", None)).__name__
+        return "pil" if name.endswith("Pil") else "torchvision"
+
+    def prove_own(self, sizes: Sequence[tuple[int, int]] = ((37, 53), (333, 250), (1024, 700))) -> str | None:
+        """Check the vlmlab image path against the loaded processor on a few probe images (ids
+        equal, every tensor within 1e-5); on any difference (a checkpoint whose processor
+        config differs from the family's defaults, say) turn it off and say why."""
+        if not self.own_images:
+            return None
+        from PIL import Image
+
+        problem = None
+        for w, h in sizes:
+            rng = torch.Generator().manual_seed(w * 7919 + h)
+            pixels = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=rng).numpy()
+            data = ImageData(Image.fromarray(pixels), w, h, "PNG", f"probe-{w}x{h}", 0, "probe")
+            try:
+                mine = self._own_image(f"probe-{w}x{h}", data, {}, Prepared({}))
+            except Exception as exc:  # noqa: BLE001 - any failure means: use the processor
+                problem = f"vlmlab preprocessing failed on a {w}x{h} probe: {exc}"
+                break
+            ref = self._run(self.family.image_placeholder, [data.image], {})  # type: ignore[union-attr]
+            if tuple(ref["input_ids"][0].tolist()) != mine.ids:
+                problem = f"image tokens differ from the processor's on a {w}x{h} probe"
+                break
+            for name, value in {**mine.tensors, **mine.token_tensors}.items():
+                other = ref.get(name)
+                if not isinstance(other, torch.Tensor) or other.shape != value.shape or not torch.allclose(
+                    other.to(value.dtype), value, atol=1e-5
+                ):
+                    problem = f"{name} differs from the processor's on a {w}x{h} probe"
+                    break
+            if problem:
+                break
+        if problem:
+            self.own_images = False
+        return problem

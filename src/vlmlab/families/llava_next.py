@@ -193,5 +193,6 @@ FAMILY = Family(
     max_images=1,
     image_placeholder=IMAGE_PLACEHOLDER,
     checkpoints=CHECKPOINTS,
+    expand_placeholder=lambda layout: IMAGE_PLACEHOLDER * layout.tokens,  # one <image> per feature
     source="transformers LlavaNextProcessor._get_number_of_features (llava-hf config values)",
 )

@@ -13,6 +13,7 @@ from vlmlab.families.base import Checkpoint, Family, KVGeometry
 from vlmlab.families.qwen2_vl import (
     IMAGE_PLACEHOLDER,
     MAX_IMAGES,
+    expand_placeholder,
     qwen_layout,
     qwen_options,
     render_prompt,
@@ -71,6 +72,7 @@ FAMILY = Family(
     max_images=MAX_IMAGES,  # same planning bound as Qwen2-VL (see there)
     image_placeholder=IMAGE_PLACEHOLDER,
     checkpoints=CHECKPOINTS,
+    expand_placeholder=expand_placeholder,
     source=(
         "transformers Qwen2VLImageProcessor smart_resize, used by Qwen2_5_VLProcessor "
         "(variant=hf); qwen-vl-utils 0.0.14 fetch_image + processor (variant=qwen_vl_utils)"

@@ -270,6 +270,12 @@ CHECKPOINTS = (
     ),
 )
 
+def expand_placeholder(layout: ImageLayout) -> str:
+    """The placeholder as transformers' Qwen2VLProcessor expands it: ``<|image_pad|>`` repeated
+    ``image_grid_thw.prod() // merge_size**2`` times inside the vision start / end pair."""
+    return "<|vision_start|>" + "<|image_pad|>" * layout.vision_embedding_positions + "<|vision_end|>"
+
+
 FAMILY = Family(
     name="qwen2_vl",
     display_name="Qwen2-VL",
@@ -281,6 +287,7 @@ FAMILY = Family(
     max_images=MAX_IMAGES,
     image_placeholder=IMAGE_PLACEHOLDER,
     checkpoints=CHECKPOINTS,
+    expand_placeholder=expand_placeholder,
     source=(
         "transformers Qwen2VLImageProcessor smart_resize (variant=hf); qwen-vl-utils 0.0.14 "
         "fetch_image + processor (variant=qwen_vl_utils)"
