@@ -195,3 +195,54 @@ def test_api_key_is_required_when_set(media_dir) -> None:
         assert good.models.list().data[0].id == "nano"
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=running.base_url, api_key="guess", max_retries=0).models.list()
+
+
+def _photo_jpeg(w: int, h: int, seed: int = 0) -> bytes:
+    """A noisy photo-like JPEG well above the pool's byte threshold."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = np.linspace(0, 255, w, dtype=np.float32)[None, :, None] * np.ones((h, 1, 3), np.float32)
+    pixels = np.clip(base + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_large_images_are_preprocessed_in_worker_processes_with_the_same_answer(server, client) -> None:
+    """An image over ``preprocess_pool_min_bytes`` is decoded and preprocessed from its bytes in
+    the process pool; the answer and usage equal the in-thread path's (workers off), a repeat is
+    a cache hit, and a fast-mode request keeps the token count."""
+    jpeg = _photo_jpeg(1600, 1200)
+    assert len(jpeg) >= server.service.settings.preprocess_pool_min_bytes
+    messages = image_message("What colour is the shape?", data_url(jpeg, "image/jpeg"))
+    pooled = ask(client, messages).model_dump()
+    assert server.service._preprocess_pool is not None  # the pool really ran it
+    assert pooled["timings"]["preprocess_cache_hits"] == 0
+    again = client.chat.completions.create(model="nano", messages=messages, temperature=0, max_tokens=11).model_dump()
+    assert again["timings"]["preprocess_cache_hits"] == 1
+    off = ServerSettings(engines=(EngineSpec(model="nano", device="cpu"),), preprocess_workers=0, default_max_tokens=16)
+    with running_server(off) as plain:
+        threaded = ask(openai.OpenAI(base_url=plain.base_url, api_key="x", max_retries=0), messages).model_dump()
+        assert plain.service._preprocess_pool is None
+    assert pooled["choices"][0]["message"] == threaded["choices"][0]["message"]
+    assert pooled["usage"] == threaded["usage"]
+    fast = ask(client, messages, extra_body={"mm_processor_kwargs": {"preprocess_mode": "fast"}}).model_dump()
+    assert fast["usage"] == pooled["usage"]  # same image tokens; pixels may differ slightly
+    assert fast["timings"]["preprocess_cache_hits"] == 0  # fast pixels are cached apart from exact
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'vlmlab:preprocess_stage_seconds_count{model_name="nano",stage="resize"}' in metrics
+
+
+def test_bad_preprocess_mode_and_undecodable_large_bytes_are_400(server, client) -> None:
+    good = image_message("Colour?", data_url(png_bytes()))
+    error = expect_error(server, {"model": "nano", "messages": good, "mm_processor_kwargs": {"preprocess_mode": "turbo"}}, 400, "preprocess_mode")
+    assert error["param"] == "mm_processor_kwargs"
+    junk = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 2048  # a JPEG header, then noise: 512 KiB
+    expect_error(server, {"model": "nano", "messages": image_message("Colour?", data_url(junk, "image/jpeg"))}, 400, "image")
+    assert ask(client, good).choices[0].message.content is not None  # still answering
+    small_fast = ask(client, good, extra_body={"mm_processor_kwargs": {"preprocess_mode": "fast"}})
+    assert small_fast.usage == ask(client, good).usage  # in-thread fast path: same tokens

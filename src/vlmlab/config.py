@@ -74,6 +74,13 @@ class ServerSettings:
         request_timeout_s: per-request deadline (504 after it).
         response_cache_entries: deterministic answers kept (0 turns the cache off).
         media_workers: threads that fetch and decode images off the event loop.
+        preprocess_mode: image preprocessing a request gets unless its ``mm_processor_kwargs``
+            say ``preprocess_mode``: ``exact`` (equal to the model's processor) or ``fast``.
+        preprocess_workers: processes that decode and preprocess large images from their bytes,
+            where the engine runs its images through vlmlab.preprocess (``None``: one per core;
+            0: off, images are decoded in ``media_workers`` threads and preprocessed by the engine).
+        preprocess_pool_min_bytes: images at least this large (encoded) go to those processes;
+            smaller ones cost less to preprocess than to ship.
         default_max_tokens: completion length when a request sets none.
         engine_failures_before_fallback: consecutive engine errors that hand over to the next.
     """
@@ -94,6 +101,9 @@ class ServerSettings:
     request_timeout_s: float = 300.0
     response_cache_entries: int = 1024
     media_workers: int = 4
+    preprocess_mode: str = "exact"
+    preprocess_workers: int | None = None
+    preprocess_pool_min_bytes: int = 256 * 2**10
     default_max_tokens: int = 256
     engine_failures_before_fallback: int = 3
 
@@ -103,6 +113,10 @@ class ServerSettings:
         for name in ("max_concurrency", "media_workers", "engine_failures_before_fallback"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.preprocess_mode not in ("exact", "fast"):
+            raise ConfigError(f"preprocess_mode must be 'exact' or 'fast', got {self.preprocess_mode!r}")
+        if (self.preprocess_workers is not None and self.preprocess_workers < 0) or self.preprocess_pool_min_bytes < 0:
+            raise ConfigError("preprocess_workers and preprocess_pool_min_bytes must be >= 0")
         if self.max_queue < 0 or self.request_timeout_s <= 0:
             raise ConfigError("max_queue must be >= 0 and request_timeout_s > 0")
 
@@ -115,7 +129,7 @@ class ServerSettings:
 
 _ENGINE_KEYS = {f for f in EngineSpec.__dataclass_fields__}
 _SERVER_KEYS = {f for f in ServerSettings.__dataclass_fields__} - {"engines"}
-_BYTE_KEYS = {"preprocess_cache_bytes", "max_image_bytes"}
+_BYTE_KEYS = {"preprocess_cache_bytes", "max_image_bytes", "preprocess_pool_min_bytes"}
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
 

@@ -106,6 +106,8 @@ def serve(
     request_timeout: Annotated[float | None, typer.Option(help="Seconds per request (then 504).")] = None,
     preprocess_cache: Annotated[str | None, typer.Option(help="Preprocessing cache size, e.g. 256MiB; 0 = off.")] = None,
     response_cache: Annotated[int | None, typer.Option(help="Response cache entries; 0 = off.")] = None,
+    preprocess_mode: Annotated[str | None, typer.Option(help="exact (default) or fast image preprocessing.")] = None,
+    preprocess_workers: Annotated[int | None, typer.Option(help="Processes for large images (default: cores; 0 = off).")] = None,
     opt: Annotated[list[str] | None, typer.Option("--opt", help="Processor default NAME=VALUE.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning.")] = "info",
 ) -> None:
@@ -128,6 +130,7 @@ def serve(
         max_image_pixels=max_image_pixels, max_concurrency=max_concurrency, max_queue=max_queue,
         request_timeout_s=request_timeout, preprocess_cache_bytes=preprocess_cache,
         response_cache_entries=response_cache, processor_options=parse_options(opt) or None,
+        preprocess_mode=preprocess_mode, preprocess_workers=preprocess_workers,
     )  # fmt: skip
     chosen = with_quantization({}, quantization, load_in_4bit, load_in_8bit)
     if chosen:  # every engine of the chain, whatever extra each one has from the config file

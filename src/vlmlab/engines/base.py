@@ -61,6 +61,9 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     processor_options: Mapping[str, Any] = field(default_factory=dict)
     request_id: str = ""
+    # "exact" (equal to the model's processor) or "fast" (vlmlab.preprocess's opt-in mode:
+    # same tokens, close pixels); engines without their own image path ignore it.
+    preprocess_mode: str = "exact"
 
     def __post_init__(self) -> None:
         for index, image in enumerate(self.chat.images):
@@ -102,12 +105,24 @@ class Engine(abc.ABC):
     def info(self) -> EngineInfo:
         """What is loaded and how (for ``/v1/models``, ``/stats`` and result metadata)."""
 
-    def lookup_processed(self, sha256: str, processor_options: Mapping[str, Any] | None = None) -> Any | None:
+    def lookup_processed(
+        self, sha256: str, processor_options: Mapping[str, Any] | None = None, mode: str = "exact"
+    ) -> Any | None:
         """A cached preprocessing of the image with this content hash, or None.
 
         Callers put a hit into ``ImageData.processed`` and skip decoding the image.
         """
         return None
+
+    def pool_task(self, processor_options: Mapping[str, Any], mode: str = "exact") -> tuple[str, dict[str, Any]] | None:
+        """``(family, options)`` for :class:`vlmlab.preprocess.PreprocessPool` when this engine can
+        take an image preprocessed from its bytes in another process, else None."""
+        return None
+
+    def adopt_preprocessed(self, sha256: str, processor_options: Mapping[str, Any], mode: str, pre: Any) -> Any:
+        """Turn a pool's :class:`~vlmlab.preprocess.Preprocessed` into what ``ImageData.processed``
+        carries for this engine (and cache it). Only called after :meth:`pool_task` said yes."""
+        raise NotImplementedError
 
     def health(self) -> tuple[bool, str]:
         """``(ok, reason)``: ok while idle or making progress; not ok when dead or hung."""

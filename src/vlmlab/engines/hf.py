@@ -276,8 +276,16 @@ class HFEngine(Engine):
         text = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         return PromptCount(total, max(0, total - text))
 
-    def lookup_processed(self, sha256: str, processor_options: Mapping[str, Any] | None = None) -> Any | None:
-        return self.preprocessor.lookup(sha256, processor_options or {})
+    def lookup_processed(
+        self, sha256: str, processor_options: Mapping[str, Any] | None = None, mode: str = "exact"
+    ) -> Any | None:
+        return self.preprocessor.lookup(sha256, processor_options or {}, mode)
+
+    def pool_task(self, processor_options: Mapping[str, Any], mode: str = "exact") -> tuple[str, dict[str, Any]] | None:
+        return self.preprocessor.pool_task(processor_options, mode)
+
+    def adopt_preprocessed(self, sha256: str, processor_options: Mapping[str, Any], mode: str, pre: Any) -> Any:
+        return self.preprocessor.adopt(sha256, processor_options, mode, pre)
 
     # -- generation ----------------------------------------------------------------------------
 
@@ -298,7 +306,9 @@ class HFEngine(Engine):
         images = [img.data for img in chat.images]
         prompt = self.render(chat)
         prep_start = time.perf_counter()
-        prepared = await loop.run_in_executor(None, self.preprocessor, prompt, images, request.processor_options)
+        prepared = await loop.run_in_executor(
+            None, self.preprocessor, prompt, images, request.processor_options, request.preprocess_mode
+        )
         inputs = prepared.inputs
         preprocess_s = time.perf_counter() - prep_start
         image_tokens = self._checked_image_tokens(inputs, prompt, len(images), count)

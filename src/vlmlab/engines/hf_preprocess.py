@@ -96,16 +96,37 @@ class RequestPreprocessor:
     def splices(self) -> bool:
         return bool(self.family and self.family.splice_images and self.cache.enabled)
 
-    def key(self, sha256: str, options: Mapping[str, Any]) -> str:
-        return content_key(self.model_id, sha256, {**self.defaults, **options})
+    def key(self, sha256: str, options: Mapping[str, Any], mode: str = "exact") -> str:
+        # Fast-mode pixels differ from exact ones; the processor's own path has one mode.
+        fast = {"preprocess_mode": "fast"} if mode == "fast" and self.own_images else {}
+        return content_key(self.model_id, sha256, {**self.defaults, **options, **fast})
 
-    def lookup(self, sha256: str, options: Mapping[str, Any]) -> ProcessedImage | None:
+    def lookup(self, sha256: str, options: Mapping[str, Any], mode: str = "exact") -> ProcessedImage | None:
         """A cached image by content hash, so callers can skip decoding on a hit."""
-        return self.cache.get(self.key(sha256, options)) if self.splices else None
+        return self.cache.get(self.key(sha256, options, mode)) if self.splices else None
 
-    def __call__(self, prompt: str, images: Sequence[ImageData], options: Mapping[str, Any]) -> Prepared:
+    def pool_task(self, options: Mapping[str, Any], mode: str = "exact") -> tuple[str, dict[str, Any]] | None:
+        """``(family, options)`` to preprocess an image from its bytes in a worker process, where
+        this engine's images go through vlmlab.preprocess (and can be cached and spliced)."""
+        if not (self.own_images and self.splices):
+            return None
+        assert self.family is not None
+        return self.family.name, self._own_options(options)
+
+    def adopt(self, sha256: str, options: Mapping[str, Any], mode: str, out: Any) -> ProcessedImage:
+        """A worker's :class:`~vlmlab.preprocess.Preprocessed` as this engine's cached image."""
+        key = self.key(sha256, options, mode)
+        image = self._from_preprocessed(key, out)
+        self.cache.put(key, image)
+        return image
+
+    def __call__(
+        self, prompt: str, images: Sequence[ImageData], options: Mapping[str, Any], mode: str = "exact"
+    ) -> Prepared:
+        if mode not in ("exact", "fast"):
+            raise BadRequestError(f"preprocess_mode must be 'exact' or 'fast', got {mode!r}", param="mm_processor_kwargs")
         if self.splices:
-            return self._spliced(prompt, images, options)
+            return self._spliced(prompt, images, options, mode)
         if any(d.image is None for d in images):
             raise EngineError("an image arrived without pixels for a model that cannot use cached images")
         start = time.perf_counter()
@@ -127,7 +148,7 @@ class RequestPreprocessor:
                 f"the processor rejected the request (options {dict(options)}): {exc}", param="mm_processor_kwargs"
             ) from exc
 
-    def _spliced(self, prompt: str, images: Sequence[ImageData], options: Mapping[str, Any]) -> Prepared:
+    def _spliced(self, prompt: str, images: Sequence[ImageData], options: Mapping[str, Any], mode: str = "exact") -> Prepared:
         assert self.family is not None
         placeholder = self.family.image_placeholder
         pieces = prompt.split(placeholder)
@@ -144,7 +165,7 @@ class RequestPreprocessor:
                 ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
             if index == len(images):
                 break
-            image = self._image(images[index], options, prepared)
+            image = self._image(images[index], options, prepared, mode)
             for name, value in image.token_tensors.items():
                 token_tensors.setdefault(name, []).append((len(ids), value))
             ids += image.ids
@@ -162,10 +183,12 @@ class RequestPreprocessor:
             prepared.inputs[name] = full
         return prepared
 
-    def _image(self, data: ImageData, options: Mapping[str, Any], prepared: Prepared) -> ProcessedImage:
-        key = self.key(data.sha256, options)
-        found = data.processed if isinstance(data.processed, ProcessedImage) and data.processed.key == key else None
-        found = found or self.cache.get(key)
+    def _image(self, data: ImageData, options: Mapping[str, Any], prepared: Prepared, mode: str = "exact") -> ProcessedImage:
+        key = self.key(data.sha256, options, mode)
+        given = data.processed if isinstance(data.processed, ProcessedImage) and data.processed.key == key else None
+        if given is not None and data.format != "cached":
+            return given  # preprocessed for this request (by a server's process pool): no hit
+        found = given or self.cache.get(key)
         if found is not None:
             prepared.cache_hits += 1
             return found
@@ -173,7 +196,7 @@ class RequestPreprocessor:
             raise EngineError(f"image {data.source or data.sha256[:12]} has no pixels and no cache entry")
         start = time.perf_counter()
         if self.own_images:
-            image = self._own_image(key, data, options, prepared)
+            image = self._own_image(key, data, options, prepared, mode)
             prepared.stages["processor"] = prepared.stages.get("processor", 0.0) + time.perf_counter() - start
             self.cache.put(key, image)
             return image
@@ -193,29 +216,42 @@ class RequestPreprocessor:
         self.cache.put(key, image)
         return image
 
-    def _own_image(self, key: str, data: ImageData, options: Mapping[str, Any], prepared: Prepared) -> ProcessedImage:
-        """vlmlab.preprocess tensors + the family's own placeholder expansion."""
-        from vlmlab.preprocess import get_preprocessor
-
-        assert self.family is not None and self.family.expand_placeholder is not None
+    def _own_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The vlmlab.preprocess options that reproduce the loaded processor."""
+        assert self.family is not None
         merged = {**self.defaults, **options}
         if self.family.name in ("pixtral", "qwen2_vl", "qwen2_5_vl"):
             merged.setdefault("variant", "hf")  # this engine runs transformers' processor rules
         if self.family.name != "pixtral" or merged.get("variant") == "hf":
             merged.setdefault("backend", self._backend())
-        cache_key = json_key(merged)
+        return merged
+
+    def _own_image(
+        self, key: str, data: ImageData, options: Mapping[str, Any], prepared: Prepared, mode: str = "exact"
+    ) -> ProcessedImage:
+        """vlmlab.preprocess tensors + the family's own placeholder expansion."""
+        from vlmlab.preprocess import get_preprocessor
+
+        assert self.family is not None
+        merged = self._own_options(options)
+        cache_key = f"{mode}:{json_key(merged)}"
         if cache_key not in self._fast:
-            self._fast[cache_key] = get_preprocessor(self.family.name, "exact", **merged)
+            self._fast[cache_key] = get_preprocessor(self.family.name, mode, **merged)  # type: ignore[arg-type]
         out = self._fast[cache_key](data.image)
         for stage, seconds in out.stages.items():
             prepared.stages[stage] = prepared.stages.get(stage, 0.0) + seconds
+        return self._from_preprocessed(key, out)
+
+    def _from_preprocessed(self, key: str, out: Any) -> ProcessedImage:
+        assert self.family is not None and self.family.expand_placeholder is not None
         ids = self.tokenizer(self.family.expand_placeholder(out.grid), add_special_tokens=False)["input_ids"]
         tensors = {k: torch.from_numpy(v) for k, v in out.tensors.items()}
         per_token: dict[str, torch.Tensor] = {}
         if getattr(self.processor, "return_mm_token_type_ids", False):  # Qwen: 1 on image tokens
             per_token["mm_token_type_ids"] = torch.tensor(self.processor.create_mm_token_type_ids([list(ids)]))
         nbytes = tensor_bytes(tensors) + tensor_bytes(per_token) + 8 * len(ids)
-        return ProcessedImage(key, data.width, data.height, tuple(ids), tensors, nbytes, per_token)
+        width, height = out.size
+        return ProcessedImage(key, width, height, tuple(ids), tensors, nbytes, per_token)
 
     def _backend(self) -> str:
         """Which transformers implementation the loaded image processor is: the ``*Pil`` classes

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -84,6 +86,8 @@ class ChatService:
         self.metrics = ServerMetrics(settings.model_name)
         self.policy = media_policy(settings)
         self.media_pool = ThreadPoolExecutor(settings.media_workers, thread_name_prefix="vlmlab-media")
+        self._preprocess_pool: Any = None  # PreprocessPool, started by the first large image
+        self._pool_lock = threading.Lock()
         self.responses: LRUCache[GenerationResult] = LRUCache(settings.response_cache_entries, name="response")
         self._engine_slots = asyncio.Semaphore(settings.max_concurrency)
         self.active = 0  # admitted requests: waiting for a slot or in the engine
@@ -93,10 +97,17 @@ class ChatService:
 
     # -- request -> core ---------------------------------------------------------------------
 
-    def parse(self, body: ChatCompletionRequest) -> tuple[Chat, SamplingParams, dict[str, Any]]:
+    def parse(self, body: ChatCompletionRequest) -> tuple[Chat, SamplingParams, dict[str, Any], str]:
+        """The request as core types: chat, sampling, processor options, preprocessing mode."""
         chat = body.to_chat()
         sampling = body.to_sampling(default_max_tokens=self.settings.default_max_tokens)
         options = dict(body.mm_processor_kwargs or {})
+        mode = options.pop("preprocess_mode", self.settings.preprocess_mode)
+        if mode not in ("exact", "fast"):
+            raise BadRequestError(
+                f"mm_processor_kwargs.preprocess_mode must be 'exact' or 'fast', got {mode!r}",
+                param="mm_processor_kwargs",
+            )
         if options:
             family = self.chain.current().info().family
             if family:
@@ -109,20 +120,21 @@ class ChatService:
                 f"At most {limit} image(s) may be provided in one request, got {len(chat.images)}",
                 param="messages",
             )
-        return chat, sampling, options
+        return chat, sampling, options, mode
 
     def max_images(self) -> int:
         engine_limit = self.chain.current().info().max_images
         return min(self.settings.max_images or engine_limit, engine_limit)
 
-    async def load_images(self, chat: Chat, options: Mapping[str, Any]) -> Chat:
-        """Fetch (and, on a preprocessing-cache miss, decode) every image, in the worker pool."""
+    async def load_images(self, chat: Chat, options: Mapping[str, Any], mode: str = "exact") -> Chat:
+        """Fetch (and, on a preprocessing-cache miss, decode or preprocess) every image, in the
+        worker threads (and processes)."""
         if not chat.images:
             return chat
         loop = asyncio.get_running_loop()
         engine = self.chain.current()
         refs = [p.ref for p in chat.images]
-        loaded = await asyncio.gather(*[loop.run_in_executor(self.media_pool, self._load_one, engine, ref, options) for ref in refs])
+        loaded = await asyncio.gather(*[loop.run_in_executor(self.media_pool, self._load_one, engine, ref, options, mode) for ref in refs])
         it = iter(loaded)
         messages = []
         for message in chat.messages:
@@ -130,15 +142,34 @@ class ChatService:
             messages.append(Message(message.role, parts))
         return Chat(tuple(messages))
 
-    def _load_one(self, engine: Engine, ref: str | None, options: Mapping[str, Any]) -> ImageData:
+    def _load_one(self, engine: Engine, ref: str | None, options: Mapping[str, Any], mode: str = "exact") -> ImageData:
         start = time.perf_counter()
         raw = read_image_bytes(ref or "", self.policy)
         fetched = time.perf_counter()
         self.metrics.observe_stage("fetch", fetched - start)
-        processed = engine.lookup_processed(raw.sha256, options)
+        processed = engine.lookup_processed(raw.sha256, options, mode)
         self.metrics.observe_cache("mm", processed is not None)
         if processed is not None:
             return ImageData(None, processed.width, processed.height, "cached", raw.sha256, len(raw.data), raw.source, processed)
+        task = engine.pool_task(options, mode) if len(raw.data) >= self.settings.preprocess_pool_min_bytes else None
+        pool = self._pool() if task is not None else None
+        if pool is not None and task is not None:
+            # Decode + preprocess from the bytes in a worker process (this thread just waits);
+            # fast mode can decode a large JPEG at reduced scale there (Image.draft).
+            family, pool_options = task
+            try:
+                pre = pool.submit(raw.data, family, mode, pool_options).result()  # type: ignore[arg-type]
+            except BrokenProcessPool:  # a worker died (killed, out of memory): decode here
+                logger.warning("the preprocessing process pool broke; starting a new one for the next image")
+                with self._pool_lock:
+                    self._preprocess_pool = None
+                pre = None
+            if pre is not None:
+                for stage, seconds in pre.stages.items():
+                    self.metrics.observe_stage(stage, seconds)
+                adopted = engine.adopt_preprocessed(raw.sha256, options, mode, pre)
+                width, height = pre.size
+                return ImageData(None, width, height, "preprocessed", raw.sha256, len(raw.data), raw.source, adopted)
         data = decode_image(raw, self.policy)
         self.metrics.observe_stage("decode", time.perf_counter() - fetched)
         return data
@@ -162,13 +193,13 @@ class ChatService:
         """
         start = time.perf_counter()
         deadline = start + self.settings.request_timeout_s
-        chat, sampling, options = self.parse(body)
+        chat, sampling, options, mode = self.parse(body)
         self._admit()
         try:
             pre = time.perf_counter()
-            chat = await _before(deadline, self.load_images(chat, options), self.settings.request_timeout_s)
+            chat = await _before(deadline, self.load_images(chat, options, mode), self.settings.request_timeout_s)
             media_s = time.perf_counter() - pre
-            key = self.response_key(chat, sampling, options)
+            key = self.response_key(chat, sampling, {**options, "preprocess_mode": mode})
             if key is not None:
                 cached = self.responses.get(key)
                 self.metrics.observe_cache("response", cached is not None)
@@ -180,7 +211,7 @@ class ChatService:
                     self.metrics.observe_result(result, time.perf_counter() - start)
                     yield result
                     return
-            items = self._generate(GenerationRequest(chat, sampling, options), start, media_s)
+            items = self._generate(GenerationRequest(chat, sampling, options, preprocess_mode=mode), start, media_s)
             try:
                 while True:
                     try:
@@ -240,8 +271,8 @@ class ChatService:
 
     async def tokenize(self, body: ChatCompletionRequest) -> tuple[PromptCount, int]:
         """Prompt tokens of a chat, images included, without generating; and the context limit."""
-        chat, _, options = self.parse(body)
-        chat = await self.load_images(chat, options)
+        chat, _, options, mode = self.parse(body)
+        chat = await self.load_images(chat, options, mode)
         engine = self.chain.current()
         count = await asyncio.get_running_loop().run_in_executor(None, engine.count_prompt_tokens, chat, options)
         return count, engine.info().max_model_len
@@ -267,6 +298,20 @@ class ChatService:
             **summary,
         }
 
+    def _pool(self) -> Any:
+        """The preprocessing process pool, started on first use (``None`` when turned off)."""
+        workers = self.settings.preprocess_workers
+        if workers == 0:
+            return None
+        with self._pool_lock:
+            if self._preprocess_pool is None:
+                from vlmlab.preprocess import PreprocessPool
+
+                self._preprocess_pool = PreprocessPool(workers, policy=self.policy)
+            return self._preprocess_pool
+
     def close(self) -> None:
         self.media_pool.shutdown(wait=False, cancel_futures=True)
+        if self._preprocess_pool is not None:
+            self._preprocess_pool.shutdown(wait=False, cancel_futures=True)
         self.chain.close()
