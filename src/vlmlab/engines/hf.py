@@ -255,10 +255,13 @@ class HFEngine(Engine):
                 param="messages",
             )
 
-    def count_prompt_tokens(self, chat: Chat, processor_options: Mapping[str, Any] | None = None) -> PromptCount:
-        """Text tokens of the rendered prompt plus each image's expansion by the family rule."""
+    def count_prompt_tokens(
+        self, chat: Chat, processor_options: Mapping[str, Any] | None = None, prompt: str | None = None
+    ) -> PromptCount:
+        """Text tokens of the rendered prompt (``prompt`` when already rendered) plus each
+        image's expansion by the family rule."""
         self._check_images(chat)
-        prompt = self.render(chat)
+        prompt = self.render(chat) if prompt is None else prompt
         text_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         images = [img.data for img in chat.images]  # type: ignore[union-attr]
         if self.family is None:
@@ -294,7 +297,8 @@ class HFEngine(Engine):
 
         start = time.perf_counter()
         chat, sampling = request.chat, request.sampling
-        count = self.count_prompt_tokens(chat, request.processor_options)
+        prompt = self.render(chat)
+        count = self.count_prompt_tokens(chat, request.processor_options, prompt)
         if count.prompt_tokens + sampling.max_tokens > self.max_model_len:
             raise ContextLengthError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you "
@@ -304,11 +308,11 @@ class HFEngine(Engine):
             )
         loop = asyncio.get_running_loop()
         images = [img.data for img in chat.images]
-        prompt = self.render(chat)
         prep_start = time.perf_counter()
-        prepared = await loop.run_in_executor(
-            None, self.preprocessor, prompt, images, request.processor_options, request.preprocess_mode
-        )
+        args = (prompt, images, request.processor_options, request.preprocess_mode)
+        # Images are real work: off the event loop. Text alone is one tokenizer call, cheaper
+        # than the hop to a worker thread.
+        prepared = await loop.run_in_executor(None, self.preprocessor, *args) if images else self.preprocessor(*args)
         inputs = prepared.inputs
         preprocess_s = time.perf_counter() - prep_start
         image_tokens = self._checked_image_tokens(inputs, prompt, len(images), count)

@@ -71,7 +71,7 @@ def service_of(request: Request) -> ChatService:
     return service
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:  # async: no thread-pool hop per request
     expected: str | None = request.app.state.settings.api_key
     if not expected:
         return
