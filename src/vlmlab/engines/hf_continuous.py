@@ -76,6 +76,8 @@ class ContinuousDecoder:
     ):  # fmt: skip
         self.model = model
         self.prefill_threads = prefill_threads
+        text_config = getattr(model.config, "text_config", model.config)
+        self.sdpa = getattr(text_config, "_attn_implementation", None) == "sdpa"
         self.pad_id = pad_id
         self.eos_ids = eos_ids
         self.decode = decode
@@ -156,10 +158,13 @@ class ContinuousDecoder:
         assert self.cache is not None and self.mask is not None
         mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
         past = self.cache.get_seq_length()
+        # One query per row: its SDPA mask is the padding mask itself. Handing it over as 4-D
+        # skips transformers' per-step mask construction (about a sixth of a batch-16 step).
+        step_mask = mask[:, None, None, :].bool() if self.sdpa else mask
         with torch.inference_mode():
             out = self.model(
                 input_ids=self.last[:, None],  # type: ignore[index]
-                attention_mask=mask,
+                attention_mask=step_mask,
                 position_ids=self.positions[:, None],  # type: ignore[index]
                 past_key_values=self.cache,
                 cache_position=torch.arange(past, past + 1, device=mask.device),
