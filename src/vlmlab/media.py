@@ -419,7 +419,8 @@ def _decode(src: _Source, policy: MediaPolicy) -> ImageData:
     try:
         im.seek(0)  # the first frame of an animation; the header was checked already
         im.load()
-        im = ImageOps.exif_transpose(im)
+        # in_place: otherwise a full copy of the pixels even when nothing rotates (36 MB at 12 MP)
+        ImageOps.exif_transpose(im, in_place=True)
         rgb = _to_rgb(im)
     except VlmlabError:
         raise
