@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from vlmlab.engines.hf_batching import Job, RowSampler, RowTracker, start_batch
+from vlmlab.engines.hf_batching import Job, RowSampler, RowTracker, batched_emits, start_batch
 
 # Text-model types whose positions are plain 1-D indices (config.text_config.model_type).
 ROPE_1D_TEXT_MODELS = frozenset({"mistral", "llama", "qwen2", "gemma", "phi3", "internlm2"})
@@ -112,8 +112,9 @@ class ContinuousDecoder:
     def admit(self, new: list[Job]) -> None:
         """Prefill ``new`` in groups of similar prompt length (left-padding a short prompt to a
         long one's length is computation thrown away) and merge them into the running batch."""
-        for group in length_groups([job.prompt_tokens for job in new]):
-            self._admit([new[i] for i in group])
+        with batched_emits():
+            for group in length_groups([job.prompt_tokens for job in new]):
+                self._admit([new[i] for i in group])
 
     def _admit(self, new: list[Job]) -> None:
         batch = start_batch(new, self.pad_id, self.device, self.model.dtype)
@@ -155,6 +156,10 @@ class ContinuousDecoder:
 
     def step(self) -> None:
         """One decode step for every active job."""
+        with batched_emits():
+            self._step()
+
+    def _step(self) -> None:
         assert self.cache is not None and self.mask is not None
         mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
         past = self.cache.get_seq_length()
