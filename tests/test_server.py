@@ -239,7 +239,8 @@ def test_large_images_are_preprocessed_in_worker_processes_with_the_same_answer(
 
 def test_bad_preprocess_mode_and_undecodable_large_bytes_are_400(server, client) -> None:
     good = image_message("Colour?", data_url(png_bytes()))
-    error = expect_error(server, {"model": "nano", "messages": good, "mm_processor_kwargs": {"preprocess_mode": "turbo"}}, 400, "preprocess_mode")
+    body = {"model": "nano", "messages": good, "mm_processor_kwargs": {"preprocess_mode": "turbo"}}
+    error = expect_error(server, body, 400, "preprocess_mode")
     assert error["param"] == "mm_processor_kwargs"
     junk = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 2048  # a JPEG header, then noise: 512 KiB
     expect_error(server, {"model": "nano", "messages": image_message("Colour?", data_url(junk, "image/jpeg"))}, 400, "image")

@@ -134,7 +134,9 @@ class ChatService:
         loop = asyncio.get_running_loop()
         engine = self.chain.current()
         refs = [p.ref for p in chat.images]
-        loaded = await asyncio.gather(*[loop.run_in_executor(self.media_pool, self._load_one, engine, ref, options, mode) for ref in refs])
+        loaded = await asyncio.gather(
+            *[loop.run_in_executor(self.media_pool, self._load_one, engine, ref, options, mode) for ref in refs]
+        )
         it = iter(loaded)
         messages = []
         for message in chat.messages:
