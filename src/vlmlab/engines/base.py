@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from vlmlab.config import EngineSpec
 from vlmlab.protocol.core import Chat, GenerationChunk, GenerationResult, SamplingParams
-from vlmlab.protocol.errors import BadRequestError
+from vlmlab.protocol.errors import BadRequestError, EngineError
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ class Engine(abc.ABC):
     def adopt_preprocessed(self, sha256: str, processor_options: Mapping[str, Any], mode: str, pre: Any) -> Any:
         """Turn a pool's :class:`~vlmlab.preprocess.Preprocessed` into what ``ImageData.processed``
         carries for this engine (and cache it). Only called after :meth:`pool_task` said yes."""
-        raise NotImplementedError
+        raise EngineError(f"the {self.info().engine} engine takes no preprocessed images (its pool_task is None)")
 
     def health(self) -> tuple[bool, str]:
         """``(ok, reason)``: ok while idle or making progress; not ok when dead or hung."""
