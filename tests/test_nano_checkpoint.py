@@ -249,9 +249,9 @@ def test_grown_checkpoint_computes_the_same_function(tmp_path: Path, ckpt: Path,
 
 @pytest.mark.parametrize("text", ["vision_layers=x", "colour=3", "vision_layers"])
 def test_bad_arch_overrides_name_the_item(text: str) -> None:
-    from vlmlab.nano.train import _parse_arch
+    from vlmlab.nano.train import parse_arch
     from vlmlab.protocol.errors import ConfigError
 
     with pytest.raises(ConfigError, match="bad --arch item"):
-        _parse_arch(text)
-    assert _parse_arch("vision_layers=4, vision_hidden=192") == {"vision_layers": 4, "vision_hidden": 192}
+        parse_arch(text)
+    assert parse_arch("vision_layers=4, vision_hidden=192") == {"vision_layers": 4, "vision_hidden": 192}

@@ -216,9 +216,13 @@ def nano_train(
     threads: Annotated[int, typer.Option(help="CPU threads.")] = 2,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
     export: Annotated[Path | None, typer.Option(help="Write the final HF checkpoint here.")] = None,
+    tasks: Annotated[str | None, typer.Option(help="Comma-separated task mix; repeat a task to weight it.")] = None,
+    arch: Annotated[str, typer.Option(help="Model sizes of a new run, e.g. vision_layers=4.")] = "",
+    grow_from: Annotated[Path | None, typer.Option(help="Start a new run from this checkpoint, vision tower deepened to --arch vision_layers.")] = None,
+    data_workers: Annotated[int, typer.Option(help="Processes building batches ahead (for a GPU run).")] = 0,
 ) -> None:
     """Train the nano model on the synthetic tasks (resumable; runs on CPU or a CUDA GPU)."""
-    from vlmlab.nano.train import TrainConfig, flush_denormals, train
+    from vlmlab.nano.train import DEFAULT_MIX, TrainConfig, parse_arch, flush_denormals, train
 
     flush_denormals()
     accuracy = train(
@@ -226,6 +230,8 @@ def nano_train(
             out=str(out), minutes=minutes, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
             eval_every=eval_every, eval_n=eval_n, checkpoint_minutes=checkpoint_minutes,
             threads=threads, device=device, export=str(export) if export else None,
+            tasks=tuple(t.strip() for t in tasks.split(",")) if tasks else DEFAULT_MIX,
+            arch=parse_arch(arch), grow_from=str(grow_from) if grow_from else None, data_workers=data_workers,
         )
     )  # fmt: skip
     typer.echo(json.dumps({"accuracy": accuracy}))

@@ -60,6 +60,7 @@ class TrainConfig:
     threads: int = 2
     data_workers: int = 0  # processes building pools ahead of the trainer (0: in-process)
     arch: dict[str, int] = field(default_factory=dict)  # NanoArch overrides for a new run
+    grow_from: str | None = None  # a new run starts from this checkpoint, vision tower deepened
     device: str | None = None
     bf16: bool = True
     export: str | None = None
@@ -218,7 +219,8 @@ class Trainer:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from vlmlab.nano.build import NanoArch, build_checkpoint
+        from vlmlab.nano.build import NanoArch, build_checkpoint, grow_checkpoint
+        from vlmlab.protocol.errors import ConfigError
 
         self.cfg = cfg
         self.out = Path(cfg.out)
@@ -226,7 +228,13 @@ class Trainer:
         torch.set_num_threads(cfg.threads)
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         base = self.out / "base"
-        if not (base / "config.json").exists():
+        if not (base / "config.json").exists() and cfg.grow_from:
+            # Keep what a trained checkpoint knows; add vision layers (block expansion).
+            layers = cfg.arch.get("vision_layers")
+            if not layers:
+                raise ConfigError("--grow-from needs --arch vision_layers=N (more than the checkpoint has)")
+            grow_checkpoint(cfg.grow_from, base, vision_layers=layers, seed=cfg.seed)
+        elif not (base / "config.json").exists():
             build_checkpoint(base, seed=cfg.seed, arch=NanoArch(**cfg.arch))
         self.processor = AutoProcessor.from_pretrained(base)
         self.model = AutoModelForImageTextToText.from_pretrained(base).to(self.device)
@@ -431,6 +439,7 @@ def _parse(argv: list[str] | None = None) -> TrainConfig:
                    help="processes that build batches ahead of the trainer (for a GPU run)")
     p.add_argument("--arch", default="",
                    help="model sizes for a new run, e.g. vision_layers=4,vision_hidden=192")
+    p.add_argument("--grow-from", help="start a new run from this checkpoint with --arch vision_layers=N")
     p.add_argument("--device", help="cpu / cuda (default: cuda when available)")
     p.add_argument("--no-bf16", action="store_true", help="train in fp32 (no bf16 autocast)")
     p.add_argument("--export", help="write the final HF checkpoint here")
@@ -440,20 +449,21 @@ def _parse(argv: list[str] | None = None) -> TrainConfig:
         out=a.out, steps=a.steps, minutes=a.minutes, batch_size=a.batch_size, lr=a.lr,
         seed=a.seed, tasks=tuple(a.tasks.split(",")) if a.tasks else DEFAULT_MIX,
         eval_every=a.eval_every, eval_n=a.eval_n, checkpoint_minutes=a.checkpoint_minutes,
-        threads=a.threads, data_workers=a.data_workers, arch=_parse_arch(a.arch), device=a.device,
+        threads=a.threads, data_workers=a.data_workers, arch=parse_arch(a.arch), device=a.device,
+        grow_from=a.grow_from,
         bf16=not a.no_bf16, export=a.export,
         progress=not a.no_progress,
     )  # fmt: skip
 
 
-def _parse_arch(text: str) -> dict[str, int]:
+def parse_arch(text: str) -> dict[str, int]:
     """``"vision_layers=4,vision_hidden=192"`` -> a dict of NanoArch overrides (names checked)."""
     from dataclasses import fields
 
     from vlmlab.nano.build import NanoArch
     from vlmlab.protocol.errors import ConfigError
 
-    known = {f.name for f in fields(NanoArch)}
+    known = {f.name for f in fields(NanoArch) if f.type in ("int", int)}
     out: dict[str, int] = {}
     for item in filter(None, (x.strip() for x in text.split(","))):
         key, _, value = item.partition("=")
