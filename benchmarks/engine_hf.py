@@ -64,11 +64,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--levels", default="1,4,16")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--model", default="nano", help="nano (packaged) or a nano-layout checkpoint directory")
     parser.add_argument("--extra", action="append", default=[], help="engine extra NAME=INT, e.g. prefill_threads=1")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     extra = {k: int(v) for k, _, v in (e.partition("=") for e in args.extra)}
-    engine = load_engine(EngineSpec(model="nano", device="cpu", max_batch_size=max(levels), extra=extra))
+    engine = load_engine(EngineSpec(model=args.model, device="cpu", max_batch_size=max(levels), extra=extra))
     requests = requests_from_tasks(args.requests, args.tokens)
     # Warm-up: one pass at the highest level, not measured (allocator, caches, lazy imports).
     asyncio.run(run_level(engine, requests[: max(levels)], max(levels)))

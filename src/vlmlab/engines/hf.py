@@ -152,7 +152,10 @@ class HFEngine(Engine):
                     model, self.pad_id, self.eos_ids,
                     lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), device,
                     on_step=lambda: self.batcher.mark_progress(),
-                    prefill_threads=int(spec.extra.get("prefill_threads", os.cpu_count() or 1)),
+                    # More intra-op threads for big prefills only when asked: measured here, a
+                    # second OpenMP thread made batch-16 prefills 10x slower while another
+                    # process (a preprocessing worker, a training job) used the other core.
+                    prefill_threads=int(spec.extra.get("prefill_threads", 1)),
                 )  # fmt: skip
                 decoder.max_len = self.max_model_len
         self.continuous = decoder is not None
