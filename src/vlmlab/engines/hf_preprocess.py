@@ -48,18 +48,18 @@ class Prepared:
     stages: dict[str, float] = field(default_factory=dict)
 
 
-def pad_cat(values: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Zero-pad every non-batch dimension to the largest, then concatenate on dimension 0."""
+def pad_cat(values: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """Zero-pad every dimension but ``dim`` to the largest, then concatenate on ``dim``."""
     if len(values) == 1:
         return values[0]
     shape = [max(v.shape[d] for v in values) for d in range(values[0].dim())]
     padded = []
     for value in values:
         pads: list[int] = []
-        for dim in reversed(range(1, value.dim())):
-            pads += [0, shape[dim] - value.shape[dim]]
+        for d in reversed(range(value.dim())):
+            pads += [0, 0 if d == dim else shape[d] - value.shape[d]]
         padded.append(torch.nn.functional.pad(value, pads) if any(pads) else value)
-    return torch.cat(padded)
+    return torch.cat(padded, dim=dim)
 
 
 def token_aligned(value: Any, length: int) -> bool:
@@ -174,7 +174,7 @@ class RequestPreprocessor:
         prepared.inputs = {
             "input_ids": torch.tensor([ids], dtype=torch.long),
             "attention_mask": torch.ones((1, len(ids)), dtype=torch.long),
-            **{name: pad_cat(values) for name, values in tensors.items()},
+            **{name: pad_cat(values, self._stack_dim(values)) for name, values in tensors.items()},
         }
         for name, spans in token_tensors.items():
             full = torch.zeros((1, len(ids)), dtype=spans[0][1].dtype)
@@ -252,6 +252,12 @@ class RequestPreprocessor:
         nbytes = tensor_bytes(tensors) + tensor_bytes(per_token) + 8 * len(ids)
         width, height = out.size
         return ProcessedImage(key, width, height, tuple(ids), tensors, nbytes, per_token)
+
+    def _stack_dim(self, values: Sequence[torch.Tensor]) -> int:
+        """Where one prompt's images stack: the family's dimension for its image tensors
+        (metadata with fewer dimensions, like ``image_sizes``, always on 0)."""
+        dim = self.family.image_tensor_dim if self.family is not None else 0
+        return dim if all(v.dim() > dim + 1 for v in values) else 0
 
     def _backend(self) -> str:
         """Which transformers implementation the loaded image processor is: the ``*Pil`` classes

@@ -189,6 +189,9 @@ class Family:
             prompt (e.g. Pixtral's ``[IMG]``/``[IMG_BREAK]``/``[IMG_END]`` grid), where vlmlab can
             build the image's tokens itself; with :mod:`vlmlab.preprocess` that replaces the HF
             processor for images.
+        image_tensor_dim: the dimension along which the processor stacks one prompt's images in
+            its image tensors: 0 (one entry per image or per tile), 1 for Idefics3
+            (``[prompts, tiles of all the prompt's images, ...]``).
     """
 
     name: str
@@ -205,6 +208,7 @@ class Family:
     multi_image_rule: Callable[[Sequence[tuple[int, int]], Mapping[str, Any]], list[int]] | None = None
     splice_images: bool = True
     expand_placeholder: Callable[[ImageLayout], str] | None = None
+    image_tensor_dim: int = 0
 
     # -- options -----------------------------------------------------------------------------
 

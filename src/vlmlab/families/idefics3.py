@@ -131,6 +131,23 @@ _LLAMA3_8B_KV = KVGeometry(
     "32 layers, 8 KV heads, 4096/32)",
 )
 
+def expand_placeholder(layout: ImageLayout) -> str:
+    """``<image>`` as transformers' Idefics3Processor expands it: per tile
+    ``<fake_token_around_image><row_R_col_C>`` + ``<image>`` * 169, a newline after each row,
+    then a newline and the global image ``<fake_token_around_image><global-img>`` + ``<image>``
+    * 169 + ``<fake_token_around_image>`` (only that when the image is not split)."""
+    rows, cols = layout.grid
+    image = IMAGE_PLACEHOLDER * IMAGE_SEQ_LEN
+    whole = f"<fake_token_around_image><global-img>{image}<fake_token_around_image>"
+    if rows == 0:
+        return whole
+    text = "".join(
+        "".join(f"<fake_token_around_image><row_{r + 1}_col_{c + 1}>{image}" for c in range(cols)) + "\n"
+        for r in range(rows)
+    )
+    return f"{text}\n{whole}"
+
+
 FAMILY = Family(
     name="idefics3",
     display_name="Idefics3-8B",
@@ -162,6 +179,8 @@ FAMILY = Family(
         ),
     ),
     source="transformers Idefics3ImageProcessor / Idefics3Processor with Llama-3 tag token counts",
-    # The processor lays pixel_values out per prompt ([prompts, images, ...]).
-    splice_images=False,
+    # The processor lays pixel_values out per prompt ([prompts, tiles of all its images, ...]):
+    # one image's tiles are independent of the others, stacked along dimension 1.
+    expand_placeholder=expand_placeholder,
+    image_tensor_dim=1,
 )
