@@ -54,3 +54,26 @@ def test_import_and_help_stay_light() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]"
     assert run("--help").returncode == 0
+
+
+def test_nano_train_grows_a_checkpoint_and_trains_it(tmp_path: Path) -> None:
+    """`vlmlab nano train --grow-from`: a new run starts from the packaged checkpoint with a deeper
+    vision tower, trains a step and exports; bad --arch / missing vision_layers exit 2."""
+    from vlmlab.nano import checkpoint_path
+
+    shipped = json.loads((checkpoint_path() / "config.json").read_text())["vision_config"]["num_hidden_layers"]
+    out = run("nano", "train", "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2", "--threads", "1",
+              "--eval-n", "10", "--tasks", "color", "--grow-from", str(checkpoint_path()),
+              "--arch", f"vision_layers={shipped + 1}", "--export", str(tmp_path / "final"))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert set(json.loads(out.stdout.strip().splitlines()[-1])["accuracy"]) == {"color", "mean"}
+    grown = json.loads((tmp_path / "final" / "config.json").read_text())
+    assert grown["vision_config"]["num_hidden_layers"] == shipped + 1
+    assert grown["vlmlab_family"] == "nano"
+    for args, message in [
+        (["--grow-from", str(checkpoint_path())], "--grow-from needs --arch vision_layers=N"),
+        (["--arch", "vision_layers=two"], "bad --arch item 'vision_layers=two'"),
+    ]:
+        bad = run("nano", "train", "--out", str(tmp_path / "bad"), "--steps", "1", *args)
+        assert bad.returncode == 2, (args, bad.stderr)
+        assert message in " ".join(bad.stderr.split()) and "Traceback" not in bad.stderr
