@@ -329,6 +329,52 @@ def build_idefics3(out: Path) -> None:
     save(Idefics3ForConditionalGeneration, config, processor, out)
 
 
+# OpenGVLab/InternVL3-1B-hf chat_template.jinja (transformers' port), text and image parts.
+INTERNVL_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_internvl(out: Path) -> None:
+    from transformers import GotOcr2ImageProcessor, InternVLConfig, InternVLForConditionalGeneration
+    from transformers import InternVLProcessor, InternVLVideoProcessor, Qwen2Config
+    from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+
+    tokenizer = build_tokenizer(
+        ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
+        },
+    )
+    # InternVL2/3 preprocessor_config.json: 448 px tiles, 1..12 tiles plus a thumbnail, ImageNet
+    # statistics (GotOcr2's class defaults are CLIP's).
+    image_processor = GotOcr2ImageProcessor(
+        size={"height": 448, "width": 448}, crop_to_patches=True, min_patches=1, max_patches=12,
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+    )  # fmt: skip
+    processor = InternVLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=InternVLVideoProcessor(),
+        image_seq_length=256, chat_template=INTERNVL_TEMPLATE,
+    )  # fmt: skip
+    config = InternVLConfig(
+        vision_config=InternVLVisionConfig(**vit_dims(image_size=[448, 448], patch_size=[14, 14])),
+        text_config=Qwen2Config(**text_dims(tokenizer)),
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        downsample_ratio=0.5,
+        initializer_range=INIT_STD,
+    )
+    save(InternVLForConditionalGeneration, config, processor, out)
+
+
 @dataclass(frozen=True)
 class Case:
     """One architecture: how to build it, its family, and the requests to send."""
@@ -340,6 +386,9 @@ class Case:
     pair: tuple[tuple[int, int], tuple[int, int]] | None  # two images in one prompt
     options: tuple[tuple[int, int], dict[str, Any]] | None = None  # a request with options
     placeholder: str = "<image>"
+    # Count the reference's image tokens as the processor's image token ids (start, context,
+    # end) rather than by deleting the placeholder from the prompt text.
+    count_image_ids: bool = False
 
 
 CASES = (
@@ -376,6 +425,15 @@ CASES = (
         sizes=((40, 30), (32, 32), (20, 50)),
         pair=((40, 30), (30, 40)),
         options=((40, 30), {"do_image_splitting": False}),
+    ),
+    Case(
+        # transformers' InternVL port: 40x30 -> 4x3 tiles + thumbnail (13 x 256 + 2 tokens),
+        # 30x40 -> 3x4 + thumbnail, 60x20 -> 3x1 + thumbnail (4 x 256 + 2).
+        "internvl", build_internvl, "internvl2",
+        sizes=((40, 30), (60, 20)),
+        pair=((60, 20), (30, 40)),
+        placeholder="<IMG_CONTEXT>",
+        count_image_ids=True,
     ),
 )
 
@@ -482,6 +540,9 @@ class Loaded:
         )  # fmt: skip
         length = inputs["input_ids"].shape[1]
         text_only = len(tokenizer(prompt.replace(self.case.placeholder, ""), add_special_tokens=False)["input_ids"])
+        if self.case.count_image_ids:  # the template's newlines around the token would merge
+            marks = set(self.processor.image_token_ids)
+            text_only = length - sum(1 for t in inputs["input_ids"][0].tolist() if t in marks)
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
         new = out[0, length:].tolist()
@@ -633,7 +694,7 @@ def test_vlmlab_image_path_equals_the_processor_where_the_family_expands_itself(
     assert pre.own_images == (family.expand_placeholder is not None), loaded.case.name
     if not pre.own_images:
         return
-    text = f"a{family.image_placeholder}b"
+    text = f"a{pre.placeholder}b"  # what this checkpoint's template writes for an image
     sizes = [*loaded.case.sizes, (641, 479), (1500, 90)]
     option_sets = [{}] + ([loaded.case.options[1]] if loaded.case.options else [])
     for (w, h), options in [(s, o) for s in sizes for o in option_sets]:

@@ -140,6 +140,8 @@ class HFEngine(Engine):
             processor, self.tokenizer, family, model_id, self.preprocess_cache, spec.processor_options,
             own_images=spec.extra.get("preprocess", "vlmlab") == "vlmlab",
         )
+        if family is not None:
+            self.preprocessor.placeholder = self._template_placeholder(family)
         problem = self.preprocessor.prove_own()
         if problem:
             logger.warning("%s: using the model's own processor for images (%s)", model_id, problem)
@@ -246,6 +248,19 @@ class HFEngine(Engine):
 
     # -- prompts -------------------------------------------------------------------------------
 
+    def _template_placeholder(self, family: Family) -> str:
+        """What this checkpoint's chat template writes for an image: the family's placeholder
+        (the original format), or the processor's image token where a transformers port renders
+        that instead (InternVL's port writes ``<IMG_CONTEXT>`` where InternVL2 wrote ``<image>``)."""
+        token = getattr(self.processor, "image_token", None)
+        if not isinstance(token, str) or not token or token in family.image_placeholder:
+            return family.image_placeholder
+        try:
+            probe = self.render(Chat.single("?", [ImagePart(ref="probe")]))
+        except Exception:  # noqa: BLE001 - a template that cannot render this keeps the default
+            return family.image_placeholder
+        return token if family.image_placeholder not in probe and token in probe else family.image_placeholder
+
     def render(self, chat: Chat) -> str:
         messages = to_hf_messages(chat)
         template_owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
@@ -272,7 +287,7 @@ class HFEngine(Engine):
         # The processor runs with the spec's options under the request's; so must the rule.
         options = {**self.spec.processor_options, **(processor_options or {})}
         per_image = self.family.prompt_image_tokens([(d.width, d.height) for d in images], **options)
-        placeholder = len(self.tokenizer(self.family.image_placeholder, add_special_tokens=False)["input_ids"])
+        placeholder = len(self.tokenizer(self.preprocessor.placeholder, add_special_tokens=False)["input_ids"])
         total = len(text_ids) - placeholder * len(images) + sum(per_image)
         return PromptCount(total, sum(per_image), tuple(per_image))
 
@@ -372,7 +387,7 @@ class HFEngine(Engine):
         if self.family is None:
             return count.image_tokens
         text = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        placeholder = len(self.tokenizer(self.family.image_placeholder, add_special_tokens=False)["input_ids"])
+        placeholder = len(self.tokenizer(self.preprocessor.placeholder, add_special_tokens=False)["input_ids"])
         actual = expanded - text + placeholder * n_images
         if actual != count.image_tokens:
             self.expansion_mismatches += 1

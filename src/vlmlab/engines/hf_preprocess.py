@@ -91,6 +91,11 @@ class RequestPreprocessor:
         self.model_id = model_id
         self.cache = cache
         self.defaults = dict(defaults)
+        # The text one image takes in this checkpoint's rendered prompt: the family's, unless
+        # the checkpoint's template writes the processor's own token instead (see HFEngine).
+        self.placeholder = family.image_placeholder if family is not None else ""
+        # vlmlab.preprocess outputs the processor keeps to itself (InternVL's num_patches)
+        self._not_model_inputs: set[str] = set()
 
     @property
     def splices(self) -> bool:
@@ -150,7 +155,7 @@ class RequestPreprocessor:
 
     def _spliced(self, prompt: str, images: Sequence[ImageData], options: Mapping[str, Any], mode: str = "exact") -> Prepared:
         assert self.family is not None
-        placeholder = self.family.image_placeholder
+        placeholder = self.placeholder
         pieces = prompt.split(placeholder)
         if len(pieces) != len(images) + 1:
             raise EngineError(
@@ -200,7 +205,7 @@ class RequestPreprocessor:
             prepared.stages["processor"] = prepared.stages.get("processor", 0.0) + time.perf_counter() - start
             self.cache.put(key, image)
             return image
-        out = self._run(self.family.image_placeholder, [data.image], options)  # type: ignore[union-attr]
+        out = self._run(self.placeholder, [data.image], options)
         prepared.stages["processor"] = prepared.stages.get("processor", 0.0) + time.perf_counter() - start
         tensors = {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and k not in ("input_ids", "attention_mask")}
         # Text-side outputs shaped like input_ids follow the tokens. The image processor's own
@@ -245,7 +250,7 @@ class RequestPreprocessor:
     def _from_preprocessed(self, key: str, out: Any) -> ProcessedImage:
         assert self.family is not None and self.family.expand_placeholder is not None
         ids = self.tokenizer(self.family.expand_placeholder(out.grid), add_special_tokens=False)["input_ids"]
-        tensors = {k: torch.from_numpy(v) for k, v in out.tensors.items()}
+        tensors = {k: torch.from_numpy(v) for k, v in out.tensors.items() if k not in self._not_model_inputs}
         per_token: dict[str, torch.Tensor] = {}
         if getattr(self.processor, "return_mm_token_type_ids", False):  # Qwen: 1 on image tokens
             per_token["mm_token_type_ids"] = torch.tensor(self.processor.create_mm_token_type_ids([list(ids)]))
@@ -283,9 +288,18 @@ class RequestPreprocessor:
             except Exception as exc:  # noqa: BLE001 - any failure means: use the processor
                 problem = f"vlmlab preprocessing failed on a {w}x{h} probe: {exc}"
                 break
-            ref = self._run(self.family.image_placeholder, [data.image], {})  # type: ignore[union-attr]
+            ref = self._run(self.placeholder, [data.image], {})
             if tuple(ref["input_ids"][0].tolist()) != mine.ids:
                 problem = f"image tokens differ from the processor's on a {w}x{h} probe"
+                break
+            extra = {name for name in mine.tensors if name not in ref}
+            if extra:  # outputs the processor does not hand the model: leave them out from now on
+                self._not_model_inputs |= extra
+                mine = self._own_image(f"probe-{w}x{h}", data, {}, Prepared({}))
+            missing = [k for k, v in ref.items() if isinstance(v, torch.Tensor) and k not in ("input_ids", "attention_mask")
+                       and k not in mine.tensors and k not in mine.token_tensors]  # fmt: skip
+            if missing:
+                problem = f"the processor also returns {missing}, which vlmlab does not make"
                 break
             for name, value in {**mine.tensors, **mine.token_tensors}.items():
                 other = ref.get(name)

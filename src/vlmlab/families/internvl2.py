@@ -163,6 +163,12 @@ _INTERNLM2_20B_KV = KVGeometry(
     "8 KV heads, 6144/48; unverified)",
 )
 
+def expand_placeholder(layout: ImageLayout) -> str:
+    """One image as InternVL expands it (the original ``chat()`` and transformers'
+    InternVLProcessor alike): ``<img>`` + ``<IMG_CONTEXT>`` * 256 per tile + ``</img>``."""
+    return "<img>" + "<IMG_CONTEXT>" * layout.vision_embedding_positions + "</img>"
+
+
 FAMILY = Family(
     name="internvl2",
     display_name="InternVL2",
@@ -185,6 +191,7 @@ FAMILY = Family(
     # video example 8 frames (one <image> each). 8 images at max_num=12 is ~27k tokens.
     max_images=8,
     image_placeholder=IMAGE_PLACEHOLDER,
+    expand_placeholder=expand_placeholder,
     checkpoints=(
         Checkpoint(
             hub_id="OpenGVLab/InternVL2-8B",
