@@ -262,9 +262,11 @@ def build_llava_onevision(out: Path) -> None:
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
     )
-    # llava-hf/llava-onevision-qwen2-0.5b-ov-hf preprocessor_config.json: size 384x384 and
-    # the 36 pinpoints 384*i x 384*j, which are the image processor's class defaults.
-    image_processor = LlavaOnevisionImageProcessor(size={"height": 384, "width": 384})
+    # llava-hf/llava-onevision-qwen2-0.5b-ov-hf preprocessor_config.json: size 384x384, the 36
+    # pinpoints 384*i x 384*j (the class defaults) and SigLIP statistics 0.5 (not the class's CLIP).
+    image_processor = LlavaOnevisionImageProcessor(
+        size={"height": 384, "width": 384}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]
+    )
     pinpoints = [list(p) for p in image_processor.image_grid_pinpoints]
     processor = LlavaOnevisionProcessor(
         image_processor=image_processor,

@@ -130,7 +130,9 @@ class RequestPreprocessor:
     ) -> Prepared:
         if mode not in ("exact", "fast"):
             raise BadRequestError(f"preprocess_mode must be 'exact' or 'fast', got {mode!r}", param="mm_processor_kwargs")
-        if self.splices:
+        if self.splices or (self.own_images and len(images) == 1):
+            # One image alone is spliceable in every family (LLaVA-OneVision's anyres included):
+            # its expansion depends on no other image.
             return self._spliced(prompt, images, options, mode)
         if any(d.image is None for d in images):
             raise EngineError("an image arrived without pixels for a model that cannot use cached images")

@@ -132,6 +132,9 @@ FAMILY = Family(
     # 729 * (1 + 9) tokens), i.e. roughly 10 base views at 730 tokens, used here as the bound.
     max_images=10,
     image_placeholder=IMAGE_PLACEHOLDER,
+    # One image alone: one <image> per feature (anyres, unpadded, newline rows) as LLaVA-NeXT.
+    # With several, the engine leaves the prompt to the processor (splice_images below).
+    expand_placeholder=lambda layout: IMAGE_PLACEHOLDER * layout.tokens,
     checkpoints=CHECKPOINTS,
     source="transformers LlavaOnevisionProcessor._get_number_of_features (llava-hf config values)",
     multi_image_rule=multi_image_tokens,
