@@ -13,7 +13,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,19 @@ def peak_memory_bytes(device: str) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
 
 
+def _fast_decode(tokenizer: Any) -> Callable[[list[int]], str]:
+    """``tokenizer.decode(ids, skip_special_tokens=True)``, straight to the Rust tokenizer where
+    that is all transformers does (a fast tokenizer without space clean-up): a decode step
+    detokenizes every row, and the Python wrapper costs twice the decode itself."""
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    backend = getattr(tokenizer, "_tokenizer", None)
+    plain = type(tokenizer)._decode is TokenizersBackend._decode and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
+    if isinstance(tokenizer, TokenizersBackend) and backend is not None and plain:
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
 def to_hf_messages(chat: Chat) -> list[dict[str, Any]]:
     """Core chat -> the list-of-parts messages that processors' chat templates accept."""
     out = []
@@ -152,7 +165,7 @@ class HFEngine(Engine):
             if supports_continuous(model):
                 decoder = ContinuousDecoder(
                     model, self.pad_id, self.eos_ids,
-                    lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), device,
+                    _fast_decode(self.tokenizer), device,
                     on_step=lambda: self.batcher.mark_progress(),
                     # More intra-op threads for big prefills only when asked: measured here, a
                     # second OpenMP thread made batch-16 prefills 10x slower while another
@@ -408,7 +421,7 @@ class HFEngine(Engine):
         room = self.max_model_len - batch["input_ids"].shape[1]
         tracker = RowTracker(
             jobs,
-            lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
+            _fast_decode(self.tokenizer),
             self.eos_ids,
             on_step=self.batcher.mark_progress,
         )
