@@ -278,40 +278,37 @@ class RequestPreprocessor:
         config differs from the family's defaults, say) turn it off and say why."""
         if not self.own_images:
             return None
+        for w, h in sizes:
+            problem = self._probe(w, h)
+            if problem:
+                self.own_images = False
+                return problem
+        return None
+
+    def _probe(self, w: int, h: int) -> str | None:
+        """What differs between the two paths on one seeded noise image, or None."""
         from PIL import Image
 
-        problem = None
-        for w, h in sizes:
-            rng = torch.Generator().manual_seed(w * 7919 + h)
-            pixels = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=rng).numpy()
-            data = ImageData(Image.fromarray(pixels), w, h, "PNG", f"probe-{w}x{h}", 0, "probe")
-            try:
-                mine = self._own_image(f"probe-{w}x{h}", data, {}, Prepared({}))
-            except Exception as exc:  # noqa: BLE001 - any failure means: use the processor
-                problem = f"vlmlab preprocessing failed on a {w}x{h} probe: {exc}"
-                break
-            ref = self._run(self.placeholder, [data.image], {})
-            if tuple(ref["input_ids"][0].tolist()) != mine.ids:
-                problem = f"image tokens differ from the processor's on a {w}x{h} probe"
-                break
-            extra = {name for name in mine.tensors if name not in ref}
-            if extra:  # outputs the processor does not hand the model: leave them out from now on
-                self._not_model_inputs |= extra
-                mine = self._own_image(f"probe-{w}x{h}", data, {}, Prepared({}))
-            missing = [k for k, v in ref.items() if isinstance(v, torch.Tensor) and k not in ("input_ids", "attention_mask")
-                       and k not in mine.tensors and k not in mine.token_tensors]  # fmt: skip
-            if missing:
-                problem = f"the processor also returns {missing}, which vlmlab does not make"
-                break
-            for name, value in {**mine.tensors, **mine.token_tensors}.items():
-                other = ref.get(name)
-                if not isinstance(other, torch.Tensor) or other.shape != value.shape or not torch.allclose(
-                    other.to(value.dtype), value, atol=1e-5
-                ):
-                    problem = f"{name} differs from the processor's on a {w}x{h} probe"
-                    break
-            if problem:
-                break
-        if problem:
-            self.own_images = False
-        return problem
+        rng = torch.Generator().manual_seed(w * 7919 + h)
+        pixels = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=rng).numpy()
+        data = ImageData(Image.fromarray(pixels), w, h, "PNG", f"probe-{w}x{h}", 0, "probe")
+        try:
+            mine = self._own_image(data.sha256, data, {}, Prepared({}))
+        except Exception as exc:  # noqa: BLE001 - any failure means: use the processor
+            return f"vlmlab preprocessing failed on a {w}x{h} probe: {exc}"
+        ref = self._run(self.placeholder, [data.image], {})
+        if tuple(ref["input_ids"][0].tolist()) != mine.ids:
+            return f"image tokens differ from the processor's on a {w}x{h} probe"
+        extra = {name for name in mine.tensors if name not in ref}
+        if extra:  # outputs the processor does not hand the model: left out from now on
+            self._not_model_inputs |= extra
+            mine = self._own_image(data.sha256, data, {}, Prepared({}))
+        ours = {**mine.tensors, **mine.token_tensors}
+        missing = [k for k, v in ref.items() if isinstance(v, torch.Tensor) and k not in ("input_ids", "attention_mask") and k not in ours]
+        if missing:
+            return f"the processor also returns {missing}, which vlmlab does not make"
+        for name, value in ours.items():
+            other = ref[name]
+            if other.shape != value.shape or not torch.allclose(other.to(value.dtype), value, atol=1e-5):
+                return f"{name} differs from the processor's on a {w}x{h} probe"
+        return None
