@@ -222,6 +222,8 @@ def test_large_images_are_preprocessed_in_worker_processes_with_the_same_answer(
     pooled = ask(client, messages).model_dump()
     assert server.service._preprocess_pool is not None  # the pool really ran it
     assert pooled["timings"]["preprocess_cache_hits"] == 0
+    # every stage the request went through, the server's and the worker's, in its timings
+    assert {"fetch", "decode", "resize", "normalize", "to_tensor", "engine"} <= set(pooled["timings"]["stages_ms"])
     again = client.chat.completions.create(model="nano", messages=messages, temperature=0, max_tokens=11).model_dump()
     assert again["timings"]["preprocess_cache_hits"] == 1
     off = ServerSettings(engines=(EngineSpec(model="nano", device="cpu"),), preprocess_workers=0, default_max_tokens=16)

@@ -126,33 +126,44 @@ class ChatService:
         engine_limit = self.chain.current().info().max_images
         return min(self.settings.max_images or engine_limit, engine_limit)
 
-    async def load_images(self, chat: Chat, options: Mapping[str, Any], mode: str = "exact") -> Chat:
+    async def load_images(
+        self, chat: Chat, options: Mapping[str, Any], mode: str = "exact", stages: dict[str, float] | None = None
+    ) -> Chat:
         """Fetch (and, on a preprocessing-cache miss, decode or preprocess) every image, in the
-        worker threads (and processes)."""
+        worker threads (and processes); seconds per stage are summed into ``stages``."""
         if not chat.images:
             return chat
         loop = asyncio.get_running_loop()
         engine = self.chain.current()
         refs = [p.ref for p in chat.images]
-        loaded = await asyncio.gather(
+        results = await asyncio.gather(
             *[loop.run_in_executor(self.media_pool, self._load_one, engine, ref, options, mode) for ref in refs]
         )
-        it = iter(loaded)
+        for _, spent in results:
+            for stage, seconds in spent.items():
+                if stages is not None:
+                    stages[stage] = stages.get(stage, 0.0) + seconds
+        it = iter(data for data, _ in results)
         messages = []
         for message in chat.messages:
             parts = tuple(ImagePart(ref=p.ref, data=next(it)) if isinstance(p, ImagePart) else p for p in message.content)
             messages.append(Message(message.role, parts))
         return Chat(tuple(messages))
 
-    def _load_one(self, engine: Engine, ref: str | None, options: Mapping[str, Any], mode: str = "exact") -> ImageData:
+    def _load_one(
+        self, engine: Engine, ref: str | None, options: Mapping[str, Any], mode: str = "exact"
+    ) -> tuple[ImageData, dict[str, float]]:
+        """One image and the seconds its stages took (also observed in the metrics)."""
         start = time.perf_counter()
         raw = read_image_bytes(ref or "", self.policy)
         fetched = time.perf_counter()
-        self.metrics.observe_stage("fetch", fetched - start)
+        stages = {"fetch": fetched - start}
+        self.metrics.observe_stage("fetch", stages["fetch"])
         processed = engine.lookup_processed(raw.sha256, options, mode)
         self.metrics.observe_cache("mm", processed is not None)
         if processed is not None:
-            return ImageData(None, processed.width, processed.height, "cached", raw.sha256, len(raw.data), raw.source, processed)
+            data = ImageData(None, processed.width, processed.height, "cached", raw.sha256, len(raw.data), raw.source, processed)
+            return data, stages
         task = engine.pool_task(options, mode) if len(raw.data) >= self.settings.preprocess_pool_min_bytes else None
         pool = self._pool() if task is not None else None
         if pool is not None and task is not None:
@@ -169,12 +180,14 @@ class ChatService:
             if pre is not None:
                 for stage, seconds in pre.stages.items():
                     self.metrics.observe_stage(stage, seconds)
+                    stages[stage] = seconds
                 adopted = engine.adopt_preprocessed(raw.sha256, options, mode, pre)
                 width, height = pre.size
-                return ImageData(None, width, height, "preprocessed", raw.sha256, len(raw.data), raw.source, adopted)
+                return ImageData(None, width, height, "preprocessed", raw.sha256, len(raw.data), raw.source, adopted), stages
         data = decode_image(raw, self.policy)
-        self.metrics.observe_stage("decode", time.perf_counter() - fetched)
-        return data
+        stages["decode"] = time.perf_counter() - fetched
+        self.metrics.observe_stage("decode", stages["decode"])
+        return data, stages
 
     # -- generation ----------------------------------------------------------------------------
 
@@ -199,7 +212,8 @@ class ChatService:
         self._admit()
         try:
             pre = time.perf_counter()
-            chat = await _before(deadline, self.load_images(chat, options, mode), self.settings.request_timeout_s)
+            media_stages: dict[str, float] = {}
+            chat = await _before(deadline, self.load_images(chat, options, mode, media_stages), self.settings.request_timeout_s)
             media_s = time.perf_counter() - pre
             key = self.response_key(chat, sampling, {**options, "preprocess_mode": mode})
             if key is not None:
@@ -220,8 +234,12 @@ class ChatService:
                         item = await _before(deadline, anext(items), self.settings.request_timeout_s)
                     except StopAsyncIteration:
                         break
-                    if isinstance(item, GenerationResult) and key is not None and item.finish_reason in ("stop", "length"):
-                        self.responses.put(key, item)
+                    if isinstance(item, GenerationResult):
+                        # the server's own stages (fetch, decode, the pool's) beside the engine's
+                        for stage, seconds in media_stages.items():
+                            item.timings.stages[stage] = item.timings.stages.get(stage, 0.0) + seconds
+                        if key is not None and item.finish_reason in ("stop", "length"):
+                            self.responses.put(key, item)
                     yield item
             finally:
                 await items.aclose()
