@@ -283,3 +283,24 @@ def test_prefill_length_groups_bound_the_padding(lengths) -> None:
         assert len(g) * max(lengths[i] for i in g) <= 1.3 * sum(lengths[i] for i in g)
     if lengths == [10] * 16:
         assert len(groups) == 1  # equal lengths are never split
+
+
+def test_images_encoded_ahead_answer_as_encoded_in_the_prefill(engine) -> None:
+    """nano's vision tower runs in the request's worker thread (encode_ahead, the default for
+    LLaVA-layout models) or inside the batched prefill: the same greedy answers and usage."""
+    assert engine.encode_ahead
+    other = load_engine(EngineSpec(model="nano", max_batch_size=16, extra={"encode_ahead": False}))
+    try:
+        assert not other.encode_ahead
+        requests = _batch_requests()[:5]
+
+        async def together(eng):
+            return await asyncio.gather(*[complete(eng, r) for r in requests])
+
+        ahead, inside = run(together(engine)), run(together(other))
+        assert [(r.text, r.prompt_tokens, r.completion_tokens) for r in ahead] == [
+            (r.text, r.prompt_tokens, r.completion_tokens) for r in inside
+        ]
+        assert all("encode" in r.timings.stages for r in ahead)
+    finally:
+        other.close()

@@ -174,6 +174,11 @@ class HFEngine(Engine):
                 )  # fmt: skip
                 decoder.max_len = self.max_model_len
         self.continuous = decoder is not None
+        # LLaVA-layout models (nano, Pixtral's port, LLaVA-1.5) take the vision tower's output
+        # precomputed (mm_encoder_outputs): encode each request's images as it is prepared.
+        self.encode_ahead = (
+            self.continuous and getattr(model.config, "model_type", "") == "llava" and spec.extra.get("encode_ahead", True)
+        )
         self.batcher = Batcher(self._run_batch, spec.max_batch_size, decoder=decoder)
 
     # -- loading -------------------------------------------------------------------------------
@@ -343,12 +348,16 @@ class HFEngine(Engine):
         args = (prompt, images, request.processor_options, request.preprocess_mode)
         # Images are real work: off the event loop. Text alone is one tokenizer call, cheaper
         # than the hop to a worker thread.
-        prepared = await loop.run_in_executor(None, self.preprocessor, *args) if images else self.preprocessor(*args)
+        if images:
+            prepared, features = await loop.run_in_executor(None, self._prepare_and_encode, args)
+        else:
+            prepared, features = self.preprocessor(*args), None
         inputs = prepared.inputs
         preprocess_s = time.perf_counter() - prep_start
         image_tokens = self._checked_image_tokens(inputs, prompt, len(images), count)
         prompt_tokens = int(inputs["input_ids"].shape[1])
         job = Job(inputs=inputs, prompt_tokens=prompt_tokens, sampling=sampling, loop=loop, queue=asyncio.Queue())
+        job.image_features = features
         if sampling.seed is not None and not sampling.greedy:
             import torch
 
@@ -391,6 +400,24 @@ class HFEngine(Engine):
             model=self.model_id,
             engine=self.name,
         )
+
+    def _prepare_and_encode(self, args: tuple[Any, ...]) -> tuple[Any, list[Any] | None]:
+        """Preprocess, then (where the model takes precomputed encoder outputs) run the vision
+        tower here, in the worker thread: it then overlaps the batch worker's decode steps
+        instead of stalling them inside a prefill. Returns the inputs (without pixels when
+        encoded) and the per-image features."""
+        prepared = self.preprocessor(*args)
+        if not self.encode_ahead or "pixel_values" not in prepared.inputs:
+            return prepared, None
+        import torch
+
+        start = time.perf_counter()
+        inputs = prepared.inputs
+        image_inputs = {k: inputs.pop(k) for k in ("pixel_values", "image_sizes") if k in inputs}
+        with torch.inference_mode():
+            encoded = self.model.model.get_image_features(**image_inputs, return_dict=True)
+        prepared.stages["encode"] = time.perf_counter() - start
+        return prepared, list(encoded.pooler_output)
 
     def _checked_image_tokens(self, inputs: Mapping[str, Any], prompt: str, n_images: int, count: PromptCount) -> int:
         """The processor's real expansion; warn when the family rule disagrees."""

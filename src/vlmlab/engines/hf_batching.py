@@ -48,6 +48,7 @@ class Job:
     sent: int = 0  # characters already streamed
     finish_reason: FinishReason | None = None
     generator: torch.Generator | None = None
+    image_features: list[torch.Tensor] | None = None  # encoded ahead: one tensor per image
 
     def emit(self, item: Any) -> None:
         pending = getattr(_emits, "pending", None)

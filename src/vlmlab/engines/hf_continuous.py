@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlmlab.engines.hf_batching import Job, RowSampler, RowTracker, batched_emits, start_batch
 
@@ -128,6 +129,9 @@ class ContinuousDecoder:
         if wide:
             torch.set_num_threads(self.prefill_threads)
         try:
+            features = [f for job in new for f in (job.image_features or ())]
+            if features:  # encoded ahead, in request order: what the model fills its image tokens with
+                batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}
             with torch.inference_mode():
                 out = self.model(**batch, position_ids=position_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         finally:
