@@ -302,5 +302,9 @@ def test_images_encoded_ahead_answer_as_encoded_in_the_prefill(engine) -> None:
             (r.text, r.prompt_tokens, r.completion_tokens) for r in inside
         ]
         assert all("encode" in r.timings.stages for r in ahead)
+        hits = engine.encoder_cache.stats.hits
+        again = run(together(engine))  # the same images: their tower outputs come from the cache
+        assert engine.encoder_cache.stats.hits >= hits + len(requests)
+        assert [r.text for r in again] == [r.text for r in ahead]
     finally:
         other.close()

@@ -147,6 +147,11 @@ class HFEngine(Engine):
         self.preprocess_cache: LRUCache[Any] = LRUCache(
             spec.preprocess_cache_bytes, sizeof=lambda image: image.nbytes, name="preprocess"
         )
+        # Vision-tower outputs by the same content keys (encode_ahead models): an image sent
+        # again, as chat clients do every turn, skips the tower. A quarter of the same budget.
+        self.encoder_cache: LRUCache[Any] = LRUCache(
+            spec.preprocess_cache_bytes // 4, sizeof=lambda t: t.numel() * t.element_size(), name="encoder"
+        )
         # extra["preprocess"]: "vlmlab" (default) uses vlmlab.preprocess where the family supports
         # it (proven equal to the model's processor by tests); "hf" always uses the model's own.
         self.preprocessor = RequestPreprocessor(
@@ -413,11 +418,28 @@ class HFEngine(Engine):
 
         start = time.perf_counter()
         inputs = prepared.inputs
-        image_inputs = {k: inputs.pop(k) for k in ("pixel_values", "image_sizes") if k in inputs}
-        with torch.inference_mode():
-            encoded = self.model.model.get_image_features(**image_inputs, return_dict=True)
+        pixels, sizes = inputs.pop("pixel_values"), inputs.pop("image_sizes", None)
+
+        def encode(index: slice) -> list[Any]:
+            with torch.inference_mode():
+                out = self.model.model.get_image_features(
+                    pixel_values=pixels[index], image_sizes=None if sizes is None else sizes[index], return_dict=True
+                )
+            return list(out.pooler_output)
+
+        keys = prepared.image_keys
+        if len(keys) != pixels.shape[0] or not self.encoder_cache.enabled:
+            features = encode(slice(None))
+        else:  # one image at a time, each looked up first: a repeated image skips the tower
+            features = []
+            for i, key in enumerate(keys):
+                found = self.encoder_cache.get(key)
+                if found is None:
+                    found = encode(slice(i, i + 1))[0]
+                    self.encoder_cache.put(key, found)
+                features.append(found)
         prepared.stages["encode"] = time.perf_counter() - start
-        return prepared, list(encoded.pooler_output)
+        return prepared, features
 
     def _checked_image_tokens(self, inputs: Mapping[str, Any], prompt: str, n_images: int, count: PromptCount) -> int:
         """The processor's real expansion; warn when the family rule disagrees."""

@@ -46,6 +46,7 @@ class Prepared:
     inputs: dict[str, Any]
     cache_hits: int = 0
     stages: dict[str, float] = field(default_factory=dict)
+    image_keys: list[str] = field(default_factory=list)  # content keys, in prompt order (spliced)
 
 
 def pad_cat(values: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
@@ -173,6 +174,7 @@ class RequestPreprocessor:
             if index == len(images):
                 break
             image = self._image(images[index], options, prepared, mode)
+            prepared.image_keys.append(image.key)
             for name, value in image.token_tensors.items():
                 token_tensors.setdefault(name, []).append((len(ids), value))
             ids += image.ids

@@ -314,6 +314,7 @@ class ChatService:
             "requests_in_engine": self.in_engine,
             "engines_skipped": self.chain.state.skipped,
             "preprocess_cache": getattr(engine, "preprocess_cache", None) and engine.preprocess_cache.stats.to_dict(),  # type: ignore[union-attr]
+            "encoder_cache": getattr(engine, "encoder_cache", None) and engine.encoder_cache.stats.to_dict(),  # type: ignore[union-attr]
             "response_cache": self.responses.stats.to_dict(),
             **summary,
         }
