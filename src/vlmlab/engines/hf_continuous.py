@@ -122,8 +122,8 @@ class ContinuousDecoder:
         mask = batch["attention_mask"]
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        # A prefill is one big matrix product per weight: worth every core, where a decode step
-        # (many tiny ops) is fastest on one. Restored before the next step.
+        # Opt-in (extra.prefill_threads): a prefill's matrix products are big enough for more
+        # intra-op threads than decode steps use, on cores nothing else needs; restored after.
         decode_threads = torch.get_num_threads()
         wide = self.prefill_threads > decode_threads and mask.numel() >= PREFILL_WIDE_TOKENS
         if wide:
