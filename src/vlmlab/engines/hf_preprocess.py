@@ -229,9 +229,12 @@ class RequestPreprocessor:
         """The vlmlab.preprocess options that reproduce the loaded processor."""
         assert self.family is not None
         merged = {**self.defaults, **options}
-        if self.family.name in ("pixtral", "qwen2_vl", "qwen2_5_vl"):
-            merged.setdefault("variant", "hf")  # this engine runs transformers' processor rules
-        if self.family.name != "pixtral" or merged.get("variant") == "hf":
+        # Families whose rules exist in several variants (Pixtral: mistral / hf, Qwen: hf /
+        # qwen_vl_utils): this engine runs transformers' processor, so its rules are "hf".
+        variant = next((o for o in self.family.options if o.name == "variant"), None)
+        if variant is not None and "hf" in (variant.choices or ()):
+            merged.setdefault("variant", "hf")
+        if merged.get("variant", "hf") == "hf":  # transformers' rules: match its backend too
             merged.setdefault("backend", self._backend())
         return merged
 
