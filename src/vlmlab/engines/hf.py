@@ -176,6 +176,8 @@ class HFEngine(Engine):
                     # second OpenMP thread made batch-16 prefills 10x slower while another
                     # process (a preprocessing worker, a training job) used the other core.
                     prefill_threads=int(spec.extra.get("prefill_threads", 1)),
+                    # prefills on their own thread while the batch keeps decoding (another core)
+                    overlap=bool(spec.extra.get("overlap_prefill", True)),
                 )  # fmt: skip
                 decoder.max_len = self.max_model_len
         self.continuous = decoder is not None

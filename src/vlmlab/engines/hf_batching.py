@@ -275,6 +275,8 @@ class Batcher:
             self._closed = True
             self._cond.notify_all()
         self._thread.join(timeout=30)
+        if self.decoder is not None:
+            self.decoder.close()
 
     def mark_progress(self) -> None:
         self.last_progress = time.monotonic()
@@ -317,15 +319,15 @@ class Batcher:
         decoder = self.decoder
         while True:
             with self._cond:
-                while not self._waiting and not decoder.active and not self._closed:
+                while not self._waiting and not decoder.active and not decoder.pending and not self._closed:
                     self._cond.wait()
                 if self._closed:
-                    for job in [*self._waiting, *decoder.jobs]:
+                    for job in [*self._waiting, *decoder.jobs, *decoder.pending_jobs]:
                         job.emit(("error", RuntimeError("engine closed")))
                     return
                 dropped = [j for j in self._waiting if j.cancelled]
                 live = [j for j in self._waiting if not j.cancelled]
-                room = self.max_batch_size - decoder.active
+                room = self.max_batch_size - decoder.active - decoder.pending
                 new, self._waiting = live[:room], live[room:]
             for job in dropped:
                 self.aborted_total += 1
@@ -333,6 +335,7 @@ class Batcher:
             try:
                 if new:
                     decoder.admit(new)
+                decoder.collect(wait=not decoder.active)  # nothing to decode: wait for a prefill
                 if decoder.active:
                     decoder.step()
             except Exception as exc:  # noqa: BLE001 - reported to every request in flight

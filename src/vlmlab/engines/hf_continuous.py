@@ -15,8 +15,11 @@ Qwen2-VL's 3-D M-RoPE keeps the ``generate`` path.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,6 +27,8 @@ from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlmlab.engines.hf_batching import Job, RowSampler, RowTracker, batched_emits, start_batch
+
+logger = logging.getLogger(__name__)
 
 # Text-model types whose positions are plain 1-D indices (config.text_config.model_type).
 ROPE_1D_TEXT_MODELS = frozenset({"mistral", "llama", "qwen2", "gemma", "phi3", "internlm2"})
@@ -68,14 +73,29 @@ def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
+@dataclass
+class _Prefilled:
+    """A prefill's result, waiting to join the running batch."""
+
+    jobs: list[Job]
+    cache: DynamicCache
+    mask: torch.Tensor
+    positions: torch.Tensor
+    tokens: torch.Tensor
+    aborted: int
+
+
 class ContinuousDecoder:
     """The running batch: its jobs, KV cache, attention mask, next positions and last tokens."""
 
     def __init__(
         self, model: Any, pad_id: int, eos_ids: set[int], decode: Callable[[list[int]], str], device: str,
-        on_step: Callable[[], None], prefill_threads: int = 1,
+        on_step: Callable[[], None], prefill_threads: int = 1, overlap: bool = False,
     ):  # fmt: skip
         self.model = model
+        # overlap: prefills run on their own thread while this one keeps decoding
+        self._prefiller = ThreadPoolExecutor(1, thread_name_prefix="vlmlab-prefill") if overlap else None
+        self._pending: list[tuple[Future[_Prefilled], list[Job]]] = []
         self.prefill_threads = prefill_threads
         text_config = getattr(model.config, "text_config", model.config)
         self.sdpa = getattr(text_config, "_attn_implementation", None) == "sdpa"
@@ -96,6 +116,11 @@ class ContinuousDecoder:
     def active(self) -> int:
         return len(self.jobs)
 
+    def close(self) -> None:
+        """Stop the prefill thread (prefills in flight finish; nobody collects them)."""
+        if self._prefiller is not None:
+            self._prefiller.shutdown(wait=False, cancel_futures=True)
+
     def reset(self) -> None:
         self.jobs, self.cache, self.mask, self.positions, self.last = [], None, None, None, None
 
@@ -112,12 +137,53 @@ class ContinuousDecoder:
 
     def admit(self, new: list[Job]) -> None:
         """Prefill ``new`` in groups of similar prompt length (left-padding a short prompt to a
-        long one's length is computation thrown away) and merge them into the running batch."""
-        with batched_emits():
-            for group in length_groups([job.prompt_tokens for job in new]):
-                self._admit([new[i] for i in group])
+        long one's length is computation thrown away) and merge them into the running batch.
 
-    def _admit(self, new: list[Job]) -> None:
+        With a prefill thread (``overlap``) and a batch already decoding, the prefills run there
+        while this thread keeps stepping the batch; :meth:`collect` merges them when done."""
+        groups = [[new[i] for i in group] for group in length_groups([job.prompt_tokens for job in new])]
+        if self._prefiller is None or not self.jobs:  # nothing to overlap with
+            with batched_emits():
+                for group in groups:
+                    self._adopt(self._prefill(group))
+            return
+        for group in groups:
+            self._pending.append((self._prefiller.submit(self._prefill_emitting, group), group))
+
+    @property
+    def pending(self) -> int:
+        """Jobs whose prefill runs on the prefill thread."""
+        return sum(len(jobs) for _, jobs in self._pending)
+
+    @property
+    def pending_jobs(self) -> list[Job]:
+        return [job for _, jobs in self._pending for job in jobs]
+
+    def collect(self, wait: bool = False) -> None:
+        """Merge finished prefills into the running batch (``wait``: the first, even unfinished)."""
+        keep = []
+        for index, (future, jobs) in enumerate(self._pending):
+            if not (future.done() or (wait and index == 0)):
+                keep.append((future, jobs))
+                continue
+            try:
+                done = future.result()
+            except Exception as exc:  # noqa: BLE001 - reported to the requests of that prefill
+                logger.exception("prefill of %d request(s) failed", len(jobs))
+                for job in jobs:
+                    job.emit(("error", exc))
+                continue
+            with batched_emits():
+                self._adopt(done)
+        self._pending = keep
+
+    def _prefill_emitting(self, new: list[Job]) -> _Prefilled:
+        with batched_emits():  # first tokens, delivered from the prefill thread
+            return self._prefill(new)
+
+    def _prefill(self, new: list[Job]) -> _Prefilled:
+        """Run the prompts of ``new`` and sample their first tokens (any thread; touches only
+        ``new`` and the model)."""
         batch = start_batch(new, self.pad_id, self.device, self.model.dtype)
         mask = batch["attention_mask"]
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -139,9 +205,11 @@ class ContinuousDecoder:
                 torch.set_num_threads(decode_threads)
         tracker = RowTracker(new, self.decode, self.eos_ids)
         tokens = self._sample(new, out.logits[:, -1, :], tracker)
-        self.aborted += tracker.aborted
-        positions = mask.sum(-1)
-        self._merge(new, out.past_key_values, mask, positions, tokens)
+        return _Prefilled(new, out.past_key_values, mask, mask.sum(-1), tokens, tracker.aborted)
+
+    def _adopt(self, done: _Prefilled) -> None:
+        self.aborted += done.aborted
+        self._merge(done.jobs, done.cache, done.mask, done.positions, done.tokens)
         self.on_step()
 
     def _merge(self, new: list[Job], cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor) -> None:
