@@ -260,7 +260,7 @@ def grow_checkpoint(src: str | Path, dst: str | Path, vision_layers: int, seed: 
     old = AutoModelForImageTextToText.from_pretrained(src)
     have = old.config.vision_config.num_hidden_layers
     if vision_layers <= have:
-        raise ConfigError(f"--vision-layers {vision_layers}: the checkpoint already has {have}")
+        raise ConfigError(f"vision_layers={vision_layers}: the checkpoint already has {have} vision layers")
     config = old.config
     config.vision_config.num_hidden_layers = vision_layers
     new = build_model(config, seed)
