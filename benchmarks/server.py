@@ -39,8 +39,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "vlmlab", "serve", "--port", str(port), "--log-level", "warning", "--max-queue", "256"]
+def start_server(port: int, model: str = "nano") -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "vlmlab", "serve", "--port", str(port), "--log-level", "warning", "--max-queue", "256",
+           "--model", model, "--served-model-name", "nano"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -135,10 +136,11 @@ async def throughput(url: str, requests: list[dict], concurrency: int) -> tuple[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
+    parser.add_argument("--model", default="nano", help="nano (packaged) or a nano-layout checkpoint directory")
     args = parser.parse_args()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = start_server(port)
+    server = start_server(port, args.model)
     try:
         results = {"overhead": overhead(url), "preprocess_cache": cache_ttft(url)}
         bodies = []
