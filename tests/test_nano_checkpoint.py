@@ -234,17 +234,18 @@ def test_grown_checkpoint_computes_the_same_function(tmp_path: Path, ckpt: Path,
     from vlmlab.nano.data import question_prompt
     from vlmlab.protocol.errors import ConfigError
 
-    grown = grow_checkpoint(ckpt, tmp_path / "grown", vision_layers=3, seed=1)
     old = AutoModelForImageTextToText.from_pretrained(ckpt).eval()
+    deeper = old.config.vision_config.num_hidden_layers + 1
+    grown = grow_checkpoint(ckpt, tmp_path / "grown", vision_layers=deeper, seed=1)
     new = AutoModelForImageTextToText.from_pretrained(grown).eval()
-    assert new.config.vision_config.num_hidden_layers == 3
+    assert new.config.vision_config.num_hidden_layers == deeper
     samples = generate(3, seed=4)
     enc = processor(text=[question_prompt(s) for s in samples], images=[s.images for s in samples],
                     padding=True, return_tensors="pt")  # fmt: skip
     with torch.no_grad():
         assert torch.allclose(old(**enc).logits, new(**enc).logits, atol=1e-5)
-    with pytest.raises(ConfigError, match="already has 3"):
-        grow_checkpoint(grown, tmp_path / "again", vision_layers=3)
+    with pytest.raises(ConfigError, match=f"already has {deeper}"):
+        grow_checkpoint(grown, tmp_path / "again", vision_layers=deeper)
 
 
 @pytest.mark.parametrize("text", ["vision_layers=x", "colour=3", "vision_layers"])
