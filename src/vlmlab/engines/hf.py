@@ -234,7 +234,7 @@ class HFEngine(Engine):
         if not quant.places_weights:  # bitsandbytes put the weights on the GPU while loading
             model.to(device)
         quant.finish(model.eval())
-        # Intra-op threads pay off for big matrices only: on a tiny model (nano, 2M parameters)
+        # Intra-op threads pay off for big matrices only: on a tiny model (nano, 2.5M parameters)
         # every op is dispatch-bound and a second thread only adds synchronisation (measured:
         # 1 thread decodes 1.4-1.5x faster than 2 on this CPU, benchmarks/engine_hf.py).
         # extra["torch_threads"] overrides.

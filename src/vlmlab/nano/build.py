@@ -66,10 +66,11 @@ CHAT_TEMPLATE = (
 @dataclass(frozen=True)
 class NanoArch:
     """Model sizes. Text geometry is fixed by ``vlmlab.families.nano`` (its KVGeometry cites
-    ``config.json text_config``); the vision sizes are the spike's (hidden 128, 2 layers)."""
+    ``config.json text_config``); the vision sizes are the shipped checkpoint's: the spike's
+    hidden 128 with 4 layers (it was trained with 2, then grown to 4 by :func:`grow_checkpoint`)."""
 
     vision_hidden: int = 128
-    vision_layers: int = 2
+    vision_layers: int = 4
     vision_heads: int = 4
     vision_intermediate: int = 512
     text_hidden: int = 192
