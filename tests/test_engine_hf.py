@@ -308,3 +308,13 @@ def test_images_encoded_ahead_answer_as_encoded_in_the_prefill(engine) -> None:
         assert [r.text for r in again] == [r.text for r in ahead]
     finally:
         other.close()
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-300])
+def test_extreme_sampling_parameters_still_answer(engine, temperature) -> None:
+    """A temperature so small that logits / temperature overflows float32 samples the most
+    likely token instead of failing the batch (fuzzing found it)."""
+    sampling = SamplingParams(max_tokens=3, temperature=temperature, top_p=1e-9, seed=1)
+    result = run(complete(engine, GenerationRequest(Chat.single("What colour?", [image(60, 60)]), sampling)))
+    greedy = run(complete(engine, GenerationRequest(Chat.single("What colour?", [image(60, 60)]), SamplingParams(max_tokens=3, temperature=0))))
+    assert result.text == greedy.text

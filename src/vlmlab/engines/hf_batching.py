@@ -156,7 +156,9 @@ class RowSampler(LogitsProcessor):
             params = job.sampling
             if params.greedy or job.finish_reason is not None:
                 continue
-            logits = scores[row].float() / params.temperature
+            # float64 and the max subtracted: a tiny temperature (1e-30) must not overflow to inf
+            logits = scores[row].double() / params.temperature
+            logits = logits - logits.max()
             if params.top_k:
                 kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -168,7 +170,10 @@ class RowSampler(LogitsProcessor):
                 mask = torch.zeros_like(probs, dtype=torch.bool)
                 mask[order[keep]] = True
                 probs = torch.where(mask, probs, torch.zeros_like(probs))
-            token = torch.multinomial(probs.cpu(), 1, generator=job.generator).item()
+            if bool(torch.isfinite(probs).all()) and float(probs.sum()) > 0:
+                token = torch.multinomial(probs.cpu(), 1, generator=job.generator).item()
+            else:  # degenerate parameters left no distribution: the most likely token
+                token = int(scores[row].argmax())
             chosen = torch.full_like(scores[row], float("-inf"))
             chosen[token] = 0.0
             scores[row] = chosen
