@@ -143,6 +143,7 @@ class HFEngine(Engine):
         self.tokenizer.padding_side = "left"
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.tokenizer.eos_token_id or 0)
         self.eos_ids = self._eos_ids()
+        self.decode_ids = _fast_decode(self.tokenizer)  # built once: every decode step detokenizes
         self.expansion_mismatches = 0
         self.preprocess_cache: LRUCache[Any] = LRUCache(
             spec.preprocess_cache_bytes, sizeof=lambda image: image.nbytes, name="preprocess"
@@ -170,7 +171,7 @@ class HFEngine(Engine):
             if supports_continuous(model):
                 decoder = ContinuousDecoder(
                     model, self.pad_id, self.eos_ids,
-                    _fast_decode(self.tokenizer), device,
+                    self.decode_ids, device,
                     on_step=lambda: self.batcher.mark_progress(),
                     # More intra-op threads for big prefills only when asked: measured here, a
                     # second OpenMP thread made batch-16 prefills 10x slower while another
@@ -472,7 +473,7 @@ class HFEngine(Engine):
         room = self.max_model_len - batch["input_ids"].shape[1]
         tracker = RowTracker(
             jobs,
-            _fast_decode(self.tokenizer),
+            self.decode_ids,
             self.eos_ids,
             on_step=self.batcher.mark_progress,
         )
