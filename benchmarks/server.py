@@ -39,9 +39,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(port: int, model: str = "nano") -> subprocess.Popen:
+def start_server(port: int, model: str = "nano", data_parallel: int = 1) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "vlmlab", "serve", "--port", str(port), "--log-level", "warning", "--max-queue", "256",
-           "--model", model, "--served-model-name", "nano"]  # fmt: skip
+           "--model", model, "--served-model-name", "nano", "--data-parallel-size", str(data_parallel)]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     deadline = time.time() + 180
     while time.time() < deadline:

@@ -28,6 +28,8 @@ class EngineSpec:
         trust_remote_code: allow the checkpoint's own Python code (Phi-3.5-vision needs it).
         revision: hub revision (branch, tag or commit).
         max_batch_size: requests decoded together.
+        data_parallel_size: copies of the model decoding side by side (hf engine: the extra
+            copies run in their own processes; on a CPU each takes a core).
         max_model_len: context limit to enforce; default: the model's.
         processor_options: defaults for the processor (``num_crops``, ``max_pixels``...).
         preprocess_cache_bytes: budget of the content-addressed cache of processed images
@@ -42,6 +44,7 @@ class EngineSpec:
     trust_remote_code: bool = False
     revision: str | None = None
     max_batch_size: int = 16
+    data_parallel_size: int = 1
     max_model_len: int | None = None
     processor_options: Mapping[str, Any] = field(default_factory=dict)
     preprocess_cache_bytes: int = 256 * 2**20
@@ -54,6 +57,8 @@ class EngineSpec:
             raise ConfigError(f"unknown dtype {self.dtype!r}; use auto, bf16, fp16 or fp32")
         if self.max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
+        if not isinstance(self.data_parallel_size, int) or self.data_parallel_size < 1:
+            raise ConfigError(f"data_parallel_size must be a whole number >= 1, got {self.data_parallel_size!r}")
 
 
 @dataclass(frozen=True)

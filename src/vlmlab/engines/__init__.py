@@ -15,6 +15,7 @@ from vlmlab.engines.base import (
     PromptCount,
     complete,
 )
+from vlmlab.protocol.errors import ConfigError
 from vlmlab.registry import Registry
 
 ENGINES: Registry[type[Engine]] = Registry("engine")
@@ -26,7 +27,13 @@ ENGINES.register("mlx", "vlmlab.engines.mlx:MLXEngine", aliases=("mlx-vlm",))
 
 def load_engine(spec: EngineSpec) -> Engine:
     """Load ``spec.model`` with the backend named by ``spec.engine``."""
-    return ENGINES.get(spec.engine).load(spec)
+    engine = ENGINES.get(spec.engine)
+    if spec.data_parallel_size > 1 and engine.name != "hf":
+        raise ConfigError(
+            f"data_parallel_size {spec.data_parallel_size}: only the hf engine runs model copies itself; "
+            f"for {engine.name} use its own option (vLLM: --data-parallel-size of vllm serve) or set 1"
+        )
+    return engine.load(spec)
 
 
 __all__ = [

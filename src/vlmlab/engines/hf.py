@@ -188,11 +188,16 @@ class HFEngine(Engine):
             self.continuous and getattr(model.config, "model_type", "") == "llava" and spec.extra.get("encode_ahead", True)
         )
         self.batcher = Batcher(self._run_batch, spec.max_batch_size, decoder=decoder)
+        self.replicas: list[Any] = []  # data-parallel copies in other processes (hf_replicas)
+        self.local_load = 0  # requests decoding in this process
 
     # -- loading -------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, spec: EngineSpec) -> HFEngine:
+    def load(cls, spec: EngineSpec, *, replica: bool = False) -> HFEngine:
+        """Load the model; with ``spec.data_parallel_size`` > 1 also start that many minus one
+        replica processes (:mod:`vlmlab.engines.hf_replicas`), which load meanwhile.
+        ``replica``: this is one of them."""
         import torch
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
@@ -215,6 +220,13 @@ class HFEngine(Engine):
             # family rule does not know fails here, before the weights load, not per request.
             family.resolve_options(spec.processor_options)
         device = cls._pick_device(spec.device)
+        replicas: list[Any] = []
+        if spec.data_parallel_size > 1 and not replica:
+            from vlmlab.engines.hf_replicas import start_replicas
+
+            if device != "cpu":
+                logger.warning("--data-parallel-size %d on %s: every replica uses the same device", spec.data_parallel_size, device)
+            replicas = start_replicas(spec, spec.data_parallel_size - 1)
         dtype = {"auto": "bf16" if device.startswith("cuda") else "fp32"}.get(spec.dtype, spec.dtype)
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
         quant = hf_quantization(spec.extra, device, torch_dtype)  # --quantization / --load-in-4bit
@@ -229,6 +241,8 @@ class HFEngine(Engine):
 
                 model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs, **quant.load_kwargs)
         except (OSError, ImportError) as exc:
+            for started in replicas:
+                started.close()
             raise EngineError(f"failed to load {spec.model!r}: {exc}") from exc
         if not getattr(processor, "chat_template", None) and not getattr(getattr(processor, "tokenizer", None), "chat_template", None):
             raise ConfigError(f"{spec.model!r} has no chat template; add chat_template.jinja to the checkpoint")
@@ -240,9 +254,15 @@ class HFEngine(Engine):
         # 1 thread decodes 1.4-1.5x faster than 2 on this CPU, benchmarks/engine_hf.py).
         # extra["torch_threads"] overrides.
         params = sum(p.numel() for p in model.parameters())
-        default_threads = 1 if params < 100_000_000 else max(1, os.cpu_count() or 1)
+        default_threads = 1 if params < 100_000_000 else max(1, (os.cpu_count() or 1) // spec.data_parallel_size)
         torch.set_num_threads(int(spec.extra.get("torch_threads", default_threads)))
-        return cls(spec, model, processor, family, spec.model, device, quant.label(dtype), time.perf_counter() - start)
+        engine = cls(spec, model, processor, family, spec.model, device, quant.label(dtype), time.perf_counter() - start)
+        if replicas:
+            from vlmlab.engines.hf_replicas import await_replicas
+
+            engine.replicas = await_replicas(replicas)
+            engine.load_s = time.perf_counter() - start
+        return engine
 
     @staticmethod
     def _pick_device(device: str) -> str:
@@ -370,7 +390,12 @@ class HFEngine(Engine):
             import torch
 
             job.generator = torch.Generator().manual_seed(sampling.seed)
-        self.batcher.submit(job)
+        replica, rid = self._route(), None
+        if replica is not None:
+            rid = replica.submit(job)
+        else:
+            self.batcher.submit(job)
+            self.local_load += 1
         try:
             while True:
                 item = await job.queue.get()
@@ -383,7 +408,12 @@ class HFEngine(Engine):
                 break
         except (asyncio.CancelledError, GeneratorExit):
             job.cancelled = True
+            if replica is not None:
+                replica.cancel(rid)
             raise
+        finally:
+            if replica is None:
+                self.local_load -= 1
         end = time.perf_counter()
         first = job.first_token or end
         timings = Timings(
@@ -408,6 +438,14 @@ class HFEngine(Engine):
             model=self.model_id,
             engine=self.name,
         )
+
+    def _route(self) -> Any | None:
+        """The least-loaded live replica, or None for this process (also on a tie)."""
+        live = [r for r in self.replicas if r.alive]
+        if not live:
+            return None
+        best = min(live, key=lambda r: r.load)
+        return best if best.load < self.local_load else None
 
     def _prepare_and_encode(self, args: tuple[Any, ...]) -> tuple[Any, list[Any] | None]:
         """Preprocess, then (where the model takes precomputed encoder outputs) run the vision
@@ -510,8 +548,18 @@ class HFEngine(Engine):
                 "waiting": self.batcher.waiting,
                 "max_batch_size": self.spec.max_batch_size,
                 "batching": "continuous" if self.continuous else "static",
+                **self._replica_details(),
             },
         )
+
+    def _replica_details(self) -> dict[str, Any]:
+        if not self.replicas:
+            return {}
+        return {
+            "data_parallel_size": 1 + len(self.replicas),
+            "replicas": [{"index": 0, "alive": True, "load": self.local_load}]
+            + [{"index": r.index, "alive": r.alive, "load": r.load, **({} if r.alive else {"problem": r.problem})} for r in self.replicas],
+        }
 
     def health(self, hung_after_s: float = 120.0) -> tuple[bool, str]:
         """Dead when the batch thread is gone; hung when it holds work and made no progress."""
@@ -523,4 +571,6 @@ class HFEngine(Engine):
         return True, "ok"
 
     def close(self) -> None:
+        for replica in self.replicas:
+            replica.close()
         self.batcher.close()
