@@ -5,11 +5,13 @@
 2. Preprocessing cache: the same 4032x3024 JPEG sent twice (as a data URL, different questions so
    the response cache cannot answer): client-side time to first token of the second request as a
    ratio to the first. Goal: <= 0.3x.
-3. Throughput: the same 32 image requests (greedy, ``ignore_eos``, 32 tokens) one at a time and
-   16 at a time, as ratios: output tokens/s (wall time, image prefills included) and decode
-   tokens/s (concurrency / mean time per output token after the first). Goal: >= 5x.
+3. Throughput: the same 32 image requests (greedy, ``ignore_eos``) one at a time and 16 at a
+   time, as ratios: output tokens/s (wall time, image prefills included) and decode tokens/s
+   (concurrency / mean time per output token after the first). Goal: >= 5x. Measured for 32 and
+   128 output tokens (128: ``vllm bench serve``'s default output length), with one copy of the
+   model and with ``--data-parallel-size 2`` (a second copy in its own process).
 
-    .venv/bin/python benchmarks/server.py [--json out.json]
+    .venv/bin/python benchmarks/server.py [--json out.json] [--tokens 32,128] [--data-parallel 1,2]
 """
 
 from __future__ import annotations
@@ -114,6 +116,24 @@ def cache_ttft(url: str, repeats: int = 3) -> dict:
     return {"image": "4032x3024 JPEG", "ttft_first_ms": round(first * 1000, 1), "ttft_second_ms": round(second * 1000, 1), "ratio": round(second / first, 3)}
 
 
+def throughput_levels(url: str, tokens: int) -> dict:
+    """One at a time, then 16 at a time, over the same 32 image requests (new seeds each level, so
+    the response cache cannot answer; the same images, so both levels hit the image caches)."""
+    bodies = []
+    for i, sample in enumerate(generate(32, seed=77)):
+        parts = [{"type": "image_url", "image_url": {"url": png_url(im)}} for im in sample.images]
+        bodies.append({"model": "nano", "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "seed": i + 10_000 * tokens,
+                       "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": sample.question}]}]})  # fmt: skip
+    asyncio.run(throughput(url, bodies[:16], 16))  # warm-up
+    one, decode_one = asyncio.run(throughput(url, [{**b, "seed": b["seed"] + 1000} for b in bodies], 1))
+    sixteen, decode_sixteen = asyncio.run(throughput(url, [{**b, "seed": b["seed"] + 2000} for b in bodies], 16))
+    return {
+        "tokens": tokens, "tokens_per_s_1": round(one, 1), "tokens_per_s_16": round(sixteen, 1), "ratio": round(sixteen / one, 2),
+        "decode_tokens_per_s_1": round(decode_one, 1), "decode_tokens_per_s_16": round(decode_sixteen, 1),
+        "decode_ratio": round(decode_sixteen / decode_one, 2),
+    }  # fmt: skip
+
+
 async def throughput(url: str, requests: list[dict], concurrency: int) -> tuple[float, float]:
     """(output tokens/s over the wall time, decode tokens/s = concurrency / mean TPOT from each
     response's ``timings.decode_tokens_per_s``)."""
@@ -137,34 +157,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
     parser.add_argument("--model", default="nano", help="nano (packaged) or a nano-layout checkpoint directory")
+    parser.add_argument("--tokens", default="32,128", help="output lengths of the throughput runs")
+    parser.add_argument("--data-parallel", default="1,2", help="--data-parallel-size values of the throughput runs")
     args = parser.parse_args()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = start_server(port, args.model)
-    try:
-        results = {"overhead": overhead(url), "preprocess_cache": cache_ttft(url)}
-        bodies = []
-        for i, sample in enumerate(generate(32, seed=77)):
-            parts = [{"type": "image_url", "image_url": {"url": png_url(im)}} for im in sample.images]
-            bodies.append({"model": "nano", "max_tokens": 32, "temperature": 0, "ignore_eos": True, "seed": i,
-                           "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": sample.question}]}]})  # fmt: skip
-        asyncio.run(throughput(url, bodies[:16], 16))  # warm-up
-        one, decode_one = asyncio.run(throughput(url, [{**b, "seed": b["seed"] + 1000} for b in bodies], 1))
-        sixteen, decode_sixteen = asyncio.run(throughput(url, [{**b, "seed": b["seed"] + 2000} for b in bodies], 16))
-        results["throughput"] = {
-            "tokens_per_s_1": round(one, 1), "tokens_per_s_16": round(sixteen, 1), "ratio": round(sixteen / one, 2),
-            "decode_tokens_per_s_1": round(decode_one, 1), "decode_tokens_per_s_16": round(decode_sixteen, 1),
-            "decode_ratio": round(decode_sixteen / decode_one, 2),
-        }  # fmt: skip
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    o, c, t = results["overhead"], results["preprocess_cache"], results["throughput"]
+    lengths = [int(t) for t in args.tokens.split(",")]
+    results: dict = {"throughput": []}
+    for n, copies in enumerate(int(d) for d in args.data_parallel.split(",")):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        server = start_server(port, args.model, copies)
+        try:
+            if n == 0:
+                results["overhead"], results["preprocess_cache"] = overhead(url), cache_ttft(url)
+            for tokens in lengths:
+                results["throughput"].append({"data_parallel_size": copies, **throughput_levels(url, tokens)})
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    o, c = results["overhead"], results["preprocess_cache"]
     print(f"server overhead (e2e - engine): p50 {o['overhead_p50_ms']} ms, p90 {o['overhead_p90_ms']} ms   [goal p50 <= 2 ms]")
     print(f"4032x3024 JPEG TTFT: first {c['ttft_first_ms']} ms, second {c['ttft_second_ms']} ms, ratio {c['ratio']}   [goal <= 0.3]")
-    print(f"output tok/s: 1 at a time {t['tokens_per_s_1']}, 16 at a time {t['tokens_per_s_16']}, ratio {t['ratio']}x")
-    print(f"decode tok/s (concurrency / mean TPOT): 1 at a time {t['decode_tokens_per_s_1']}, 16 at a time "
-          f"{t['decode_tokens_per_s_16']}, ratio {t['decode_ratio']}x   [goal >= 5x]")
+    print("throughput, 32 image requests one at a time vs 16 at a time   [goal >= 5x]")
+    print(f"{'copies':>6} {'tokens':>6} {'out tok/s 1':>11} {'out tok/s 16':>12} {'ratio':>6} {'decode tok/s 1':>14} {'decode tok/s 16':>15} {'ratio':>6}")
+    for t in results["throughput"]:
+        print(f"{t['data_parallel_size']:>6} {t['tokens']:>6} {t['tokens_per_s_1']:>11} {t['tokens_per_s_16']:>12} {t['ratio']:>5}x "
+              f"{t['decode_tokens_per_s_1']:>14} {t['decode_tokens_per_s_16']:>15} {t['decode_ratio']:>5}x")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -190,6 +190,7 @@ class HFEngine(Engine):
         self.batcher = Batcher(self._run_batch, spec.max_batch_size, decoder=decoder)
         self.replicas: list[Any] = []  # data-parallel copies in other processes (hf_replicas)
         self.local_load = 0  # requests decoding in this process
+        self.local_submitted = 0
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -396,6 +397,7 @@ class HFEngine(Engine):
         else:
             self.batcher.submit(job)
             self.local_load += 1
+            self.local_submitted += 1
         try:
             while True:
                 item = await job.queue.get()
@@ -557,8 +559,11 @@ class HFEngine(Engine):
             return {}
         return {
             "data_parallel_size": 1 + len(self.replicas),
-            "replicas": [{"index": 0, "alive": True, "load": self.local_load}]
-            + [{"index": r.index, "alive": r.alive, "load": r.load, **({} if r.alive else {"problem": r.problem})} for r in self.replicas],
+            "replicas": [{"index": 0, "alive": True, "load": self.local_load, "requests": self.local_submitted}]
+            + [
+                {"index": r.index, "alive": r.alive, "load": r.load, "requests": r.submitted, **({} if r.alive else {"problem": r.problem})}
+                for r in self.replicas
+            ],
         }
 
     def health(self, hung_after_s: float = 120.0) -> tuple[bool, str]:

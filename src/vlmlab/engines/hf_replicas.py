@@ -98,6 +98,9 @@ class _RowQueue:
 def replica_main(spec: EngineSpec, conn: Any) -> None:
     """A replica process: load the model, then decode the jobs the serving process sends."""
     from vlmlab.engines.hf import HFEngine
+    from vlmlab.preprocess.pool import exit_with_parent
+
+    exit_with_parent()
 
     try:
         engine = HFEngine.load(spec, replica=True)
@@ -146,6 +149,8 @@ class Replica:
         self.process.start()
         child.close()
         self.jobs: dict[int, Job] = {}
+        self.submitted = 0  # requests sent here
+        self.aborted = 0  # of those, stopped there because their consumer went away
         self.alive = False
         self.problem = "starting"
         self._ids = itertools.count()
@@ -179,6 +184,7 @@ class Replica:
             "submitted": job.submitted, "image_features": job.image_features,
         }  # fmt: skip
         self.jobs[rid] = job
+        self.submitted += 1
         try:
             self._send(("job", rid, fields))
         except (OSError, ValueError) as exc:
@@ -214,6 +220,7 @@ class Replica:
                         for name, value in fields.items():
                             setattr(job, name, value)
                         del self.jobs[rid]
+                        self.aborted += item == ("done", "abort")
                     job.emit(item)
         self.alive = False
         self.problem = f"process exited (exit code {self.process.exitcode})"

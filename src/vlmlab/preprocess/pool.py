@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
@@ -39,8 +41,24 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def exit_with_parent(interval_s: float = 1.0) -> None:
+    """End this worker process when the one that started it is gone (killed, or exited without
+    shutting its pool down): a worker blocked on a queue whose other end it holds itself would
+    otherwise wait forever, an orphan holding its memory."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="vlmlab-parent-watch", daemon=True).start()
+
+
 def _init_worker(threads: int) -> None:
     """Pin each worker's libraries to ``threads`` intra-op threads and import them up front."""
+    exit_with_parent()
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[name] = str(threads)
     try:
