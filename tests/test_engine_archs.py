@@ -713,6 +713,23 @@ def test_vlmlab_image_path_equals_the_processor_where_the_family_expands_itself(
             assert name in mine, (label, name)
             assert mine[name].shape == value.shape, (label, name)
             assert torch.allclose(mine[name].to(value.dtype), value, atol=1e-5), (label, name)
+    # Prompts with several images, where an image's variant depends on sharing the prompt
+    # (LLaVA-OneVision: base views): the vlmlab path too, proven at load like the single one.
+    assert pre.own_multi == any(o.name == "multi_image" for o in family.options), loaded.case.name
+    if not pre.own_multi:
+        return
+    text = f"a{pre.placeholder}b{pre.placeholder}{pre.placeholder}c"
+    for trio in [((40, 30), (60, 60), (1500, 90)), ((641, 479), (30, 50), (384, 384))]:
+        parts = [make_image(w, h) for w, h in trio]
+        pre.cache.clear()
+        mine = pre(text, [p.data for p in parts], {}).inputs
+        ref = loaded.processor(text=[text], images=[[p.data.image for p in parts]], return_tensors="pt", add_special_tokens=False)
+        assert mine["input_ids"].tolist() == ref["input_ids"].tolist(), trio
+        assert set(mine) == set(ref), trio
+        for name, value in ref.items():
+            assert mine[name].shape == value.shape, (trio, name)
+            assert torch.allclose(mine[name].to(value.dtype), value, atol=1e-5), (trio, name)
+        assert mine["batch_num_images"].tolist() == [3]
 
 
 def test_a_processor_config_the_family_does_not_know_turns_the_vlmlab_path_off(tmp_path: Path) -> None:

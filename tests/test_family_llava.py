@@ -287,10 +287,19 @@ def test_onevision_downsample_threshold_is_1_1() -> None:
 
 def test_options_and_lookup() -> None:
     llava_next, onevision = get_family("llava_next"), get_family("llava_onevision")
-    for family in (llava_next, onevision):
-        assert family.options == ()
-        with pytest.raises(UnknownOptionError, match="none"):
-            family.image_tokens(640, 480, max_pixels=1003520)
+    assert llava_next.options == ()
+    with pytest.raises(UnknownOptionError, match="none"):
+        llava_next.image_tokens(640, 480, max_pixels=1003520)
+    # OneVision's one option is the shared-prompt variant: base view only, whatever the size.
+    assert [o.name for o in onevision.options] == ["multi_image"]
+    with pytest.raises(UnknownOptionError, match="multi_image"):
+        onevision.image_tokens(640, 480, max_pixels=1003520)
+    for size in ((640, 480), (7, 900), (4032, 3024)):
+        assert onevision.image_tokens(*size, multi_image=True) == 729 + 1
+        assert onevision.image_tokens(*size) > 729 + 1
+    assert onevision.prompt_image_tokens([(640, 480), (30, 40)]) == [
+        onevision.image_tokens(640, 480, multi_image=True), onevision.image_tokens(30, 40, multi_image=True)
+    ]  # fmt: skip
     for hub_id in ("llava-hf/llava-v1.6-mistral-7b-hf", "llava-hf/llava-v1.6-vicuna-7b-hf"):
         assert get_family(hub_id) is llava_next
         assert llava_next.checkpoint(hub_id).hub_id == hub_id

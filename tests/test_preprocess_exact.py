@@ -43,6 +43,7 @@ CASES = [
     ("qwen2_vl", {"variant": "qwen_vl_utils"}, ["torchvision"]),
     ("llava_next", {}, ["torchvision", "pil"]),
     ("llava_onevision", {}, ["torchvision", "pil"]),
+    ("llava_onevision", {"multi_image": True}, ["torchvision", "pil"]),
     ("internvl2", {}, ["torchvision", "pil"]),
     ("internvl2", {"max_num": 6}, ["pil"]),
     ("idefics3", {}, ["torchvision", "pil"]),

@@ -39,6 +39,7 @@ FAMILIES = [
     ("qwen2_5_vl", {"variant": "qwen_vl_utils", "max_pixels": 1003520}),
     ("llava_next", {}),
     ("llava_onevision", {}),
+    ("llava_onevision", {"multi_image": True}),
     ("internvl2", {}),
     ("idefics3", {}),
     ("phi3_5_vision", {}),

@@ -133,6 +133,11 @@ def reference(family: str, image: Image.Image, backend: str, **options) -> dict[
             lo, hi = options.get("min_pixels", 3136), options.get("max_pixels", 12845056)
             image = fetch_image({"image": image, "min_pixels": lo, "max_pixels": hi})
         processor = hf_processor(family, backend, options)
+        if family == "llava_onevision" and options.get("multi_image"):
+            # Two images in one prompt: each is its base view. The first image's tensors; the
+            # prompt's batch_num_images (2 here) is the engine's to set, a one-image call says 1.
+            out = _numpy(processor([[image, image]], return_tensors="pt"))
+            return {"pixel_values": out["pixel_values"][:1], "image_sizes": out["image_sizes"][:1], "batch_num_images": np.array([1])}
         return _numpy(processor(image, return_tensors="pt"))
 
 

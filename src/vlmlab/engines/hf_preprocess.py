@@ -11,6 +11,7 @@ this). Other families go through the processor whole, uncached.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,11 @@ from vlmlab.cache import LRUCache, content_key
 from vlmlab.families import Family
 from vlmlab.protocol.core import ImageData
 from vlmlab.protocol.errors import BadRequestError, EngineError
+
+logger = logging.getLogger(__name__)
+
+# The family option that selects an image's variant for prompts with several images.
+MULTI_IMAGE = "multi_image"
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,9 @@ class RequestPreprocessor:
         """``own_images``: process images with :mod:`vlmlab.preprocess` (proven equal to the HF
         processor, faster) where the family can expand its placeholder itself."""
         self.own_images = bool(own_images and family is not None and family.expand_placeholder is not None)
+        # Families whose images change when they share a prompt (LLaVA-OneVision: base view only)
+        # say so with a ``multi_image`` option; vlmlab.preprocess makes that variant too.
+        self.own_multi = self.own_images and any(o.name == MULTI_IMAGE for o in family.options)  # type: ignore[union-attr]
         self._fast: dict[str, Any] = {}
         self.processor = processor
         self.tokenizer = tokenizer
@@ -131,10 +140,13 @@ class RequestPreprocessor:
     ) -> Prepared:
         if mode not in ("exact", "fast"):
             raise BadRequestError(f"preprocess_mode must be 'exact' or 'fast', got {mode!r}", param="mm_processor_kwargs")
+        options = {k: v for k, v in options.items() if k != MULTI_IMAGE}  # the engine's to set, below
         if self.splices or (self.own_images and len(images) == 1):
             # One image alone is spliceable in every family (LLaVA-OneVision's anyres included):
             # its expansion depends on no other image.
             return self._spliced(prompt, images, options, mode)
+        if self.own_multi and images:  # several: each its shared-prompt variant
+            return self._spliced(prompt, images, {**options, MULTI_IMAGE: True}, mode)
         if any(d.image is None for d in images):
             raise EngineError("an image arrived without pixels for a model that cannot use cached images")
         start = time.perf_counter()
@@ -190,6 +202,8 @@ class RequestPreprocessor:
             for offset, value in spans:
                 full[:, offset : offset + value.shape[1]] = value
             prepared.inputs[name] = full
+        if "batch_num_images" in prepared.inputs:  # LLaVA-OneVision: images in this one prompt
+            prepared.inputs["batch_num_images"] = torch.tensor([len(images)], dtype=torch.long)
         return prepared
 
     def _image(self, data: ImageData, options: Mapping[str, Any], prepared: Prepared, mode: str = "exact") -> ProcessedImage:
@@ -288,15 +302,44 @@ class RequestPreprocessor:
             if problem:
                 self.own_images = False
                 return problem
+        if self.own_multi:
+            problem = self._probe_multi(sizes[:2])
+            if problem:  # images alone keep the vlmlab path
+                self.own_multi = False
+                logger.warning("%s: prompts with several images use the model's own processor (%s)", self.model_id, problem)
         return None
 
-    def _probe(self, w: int, h: int) -> str | None:
-        """What differs between the two paths on one seeded noise image, or None."""
+    @staticmethod
+    def _probe_image(w: int, h: int) -> ImageData:
+        """A seeded noise image."""
         from PIL import Image
 
         rng = torch.Generator().manual_seed(w * 7919 + h)
         pixels = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=rng).numpy()
-        data = ImageData(Image.fromarray(pixels), w, h, "PNG", f"probe-{w}x{h}", 0, "probe")
+        return ImageData(Image.fromarray(pixels), w, h, "PNG", f"probe-{w}x{h}", 0, "probe")
+
+    def _probe_multi(self, sizes: Sequence[tuple[int, int]]) -> str | None:
+        """What differs between the two paths on one prompt with these images, or None."""
+        images = [self._probe_image(w, h) for w, h in sizes]
+        prompt = self.placeholder * len(images)
+        try:
+            mine = self._spliced(prompt, images, {MULTI_IMAGE: True})
+        except Exception as exc:  # noqa: BLE001 - any failure means: use the processor
+            return f"vlmlab preprocessing failed on a {len(images)}-image probe: {exc}"
+        ref = self._run(prompt, [d.image for d in images], {})
+        ours = {k: v for k, v in mine.inputs.items() if k != "attention_mask"}
+        theirs = {k: v for k, v in ref.items() if isinstance(v, torch.Tensor) and k != "attention_mask"}
+        if set(ours) != set(theirs):
+            return f"outputs {sorted(ours)} differ from the processor's {sorted(theirs)} on a {len(images)}-image probe"
+        for name, value in ours.items():
+            other = theirs[name]
+            if other.shape != value.shape or not torch.allclose(other.to(value.dtype), value, atol=1e-5):
+                return f"{name} differs from the processor's on a {len(images)}-image probe"
+        return None
+
+    def _probe(self, w: int, h: int) -> str | None:
+        """What differs between the two paths on one seeded noise image, or None."""
+        data = self._probe_image(w, h)
         try:
             mine = self._own_image(data.sha256, data, {}, Prepared({}))
         except Exception as exc:  # noqa: BLE001 - any failure means: use the processor

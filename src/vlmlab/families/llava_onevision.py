@@ -19,7 +19,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from vlmlab.families.base import Checkpoint, Family, ImageLayout, KVGeometry
+from vlmlab.families.base import Checkpoint, Family, ImageLayout, KVGeometry, OptionSpec
 from vlmlab.families.llava_next import select_best_resolution, unpadded_feature_grid
 from vlmlab.protocol.core import Chat, ImagePart, TextPart
 
@@ -40,9 +40,11 @@ def llava_onevision_layout(width: int, height: int, options: Mapping[str, Any]) 
     downsampled) tile features + one image_newline per remaining feature row.
 
     ``grid`` is the tile grid before the anyres_max_9 downsample; every position is an
-    ``<image>`` token filled by the vision path.
+    ``<image>`` token filled by the vision path. With ``multi_image`` (the image shares its
+    prompt with others): the base view of the image padded to a square, 729 + 1 tokens.
     """
-    del options
+    if options.get("multi_image"):
+        return ImageLayout(tokens=BASE_FEATURES + 1, vision_embedding_positions=BASE_FEATURES + 1, resized=(TILE, TILE), grid=(1, 1), views=1)
     canvas_h, canvas_w = select_best_resolution(height, width, PINPOINTS)
     rows, cols = canvas_h // TILE, canvas_w // TILE
     feat_h, feat_w = unpadded_feature_grid(height, width, rows, cols, SIDE)
@@ -125,15 +127,22 @@ FAMILY = Family(
     aliases=("llava-onevision", "llava-ov"),
     layout_rule=llava_onevision_layout,
     render_prompt_fn=render_prompt,
-    options=(),
+    options=(
+        OptionSpec(
+            "multi_image", False, bool,
+            "the image shares its prompt with other images: only its base view, padded to a square (729 + 1 tokens); "
+            "set per image by the engine, as the processor does for such prompts",
+        ),
+    ),  # fmt: skip
     # The OneVision stage trains single-image, multi-image and video samples together (model
     # card: "supports multi-image and multi-prompt generation"). No hard limit exists; the
     # paper keeps the visual budget per sample about equal across scenarios (single image up to
     # 729 * (1 + 9) tokens), i.e. roughly 10 base views at 730 tokens, used here as the bound.
     max_images=10,
     image_placeholder=IMAGE_PLACEHOLDER,
-    # One image alone: one <image> per feature (anyres, unpadded, newline rows) as LLaVA-NeXT.
-    # With several, the engine leaves the prompt to the processor (splice_images below).
+    # One <image> per feature: anyres, unpadded, newline rows as LLaVA-NeXT for an image alone;
+    # 729 + 1 for each of several (multi_image). Which applies depends on the other images of
+    # the prompt, so the server's cache cannot key an image by its bytes alone (splice_images).
     expand_placeholder=lambda layout: IMAGE_PLACEHOLDER * layout.tokens,
     checkpoints=CHECKPOINTS,
     source="transformers LlavaOnevisionProcessor._get_number_of_features (llava-hf config values)",

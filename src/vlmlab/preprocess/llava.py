@@ -12,8 +12,11 @@ Reference: transformers ``models/llava_next/image_processing_llava_next.py`` /
 4. every view then goes through ``resize(size)`` / ``center_crop`` (identities at tile size),
    rescale and normalize; ``pixel_values`` is ``(1, views, 3, tile, tile)``.
 
-A single image always takes the anyres path (OneVision's ``pad_to_square`` branch is only for
-images that share a prompt with others). Values: llava-hf checkpoints'
+A single image always takes the anyres path. OneVision images that share a prompt with others
+(option ``multi_image``) are only their base view: the image padded centred to a square with
+the mean colour (``pad_to_square``, fill ``int(mean * 255)`` = 127), resized to one tile;
+``pixel_values`` is ``(1, 1, 3, tile, tile)`` and the prompt's ``batch_num_images`` counts its
+images (the engine sets it). Values: llava-hf checkpoints'
 ``preprocessor_config.json`` (LLaVA-NeXT: ``size.shortest_edge`` / ``crop_size`` 336, 5
 pinpoints, OpenAI CLIP mean/std; OneVision: ``size`` 384x384, 36 pinpoints, mean/std 0.5 from
 SigLIP); ``resample`` 3 (bicubic) in both.
@@ -69,6 +72,8 @@ def _anyres(
         pixels: Pixels, size: tuple[int, int], options: Mapping[str, Any], ctx: Context
     ) -> dict[str, np.ndarray]:
         width, height = size
+        if options.get("multi_image"):
+            return {**base_view(pixels, ctx), "image_sizes": np.array([[height, width]], dtype=np.int64), **{n: v.copy() for n, v in extra.items()}}
         (canvas_h, canvas_w), fitted = plan(width, height)
         fitted_hwc = ctx.hwc(ctx.resize(pixels, fitted, "bicubic"))
         base_hwc = ctx.hwc(ctx.resize(pixels, (tile, tile), "bicubic"))
@@ -87,7 +92,23 @@ def _anyres(
             tensors.update({name: value.copy() for name, value in extra.items()})
         return tensors
 
+    def base_view(pixels: Pixels, ctx: Context) -> dict[str, np.ndarray]:
+        # At the pixels' own scale (a fast-mode decode may be smaller than the source).
+        pw, ph = pixels.size
+        if pw != ph:
+            side = max(pw, ph)
+            fill = int(norm.mean[0] * 255)  # one value: every channel's mean is equal here
+            with ctx.stage("to_tensor"):
+                square = paste_centered(ctx.hwc(pixels), (side, side), fill, (side - ph) // 2, (side - pw) // 2)
+            pixels = Pixels(array=square)
+        view = ctx.hwc(ctx.resize(pixels, (tile, tile), "bicubic"))
+        with ctx.stage("normalize"):
+            return {"pixel_values": normalize_tiles([view], norm, (tile, tile))[None]}
+
     def targets(width: int, height: int, options: Mapping[str, Any]) -> list[tuple[int, int]]:
+        if options.get("multi_image"):  # the padded square shrinks to one tile
+            side = max(width, height)
+            return [(max(1, round(tile * width / side)), max(1, round(tile * height / side)))]
         return [plan(width, height)[1], (tile, tile)]
 
     return Pipeline(
