@@ -49,16 +49,28 @@ async def _until(predicate, timeout_s: float = 60.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def _occupy_local(engine):
-    """Start an endless request on the serving process's own copy (the first goes there)."""
-    started = asyncio.Event()
+async def _start_endless(engine, question: str, side: int, errors: list[BaseException] | None = None):
+    """A task consuming an endless request, returned once its first token arrived; with
+    ``errors``, an EngineError ends the task and lands there."""
+    first = asyncio.Event()
 
     async def consume():
-        async for _ in engine.generate(GenerationRequest(Chat.single("Describe.", [image(80, 80)]), ENDLESS)):
-            started.set()
+        try:
+            async for _ in engine.generate(GenerationRequest(Chat.single(question, [image(side, side)]), ENDLESS)):
+                first.set()
+        except EngineError as exc:
+            if errors is None:
+                raise
+            errors.append(exc)
 
     task = asyncio.create_task(consume())
-    await asyncio.wait_for(started.wait(), 60)
+    await asyncio.wait_for(first.wait(), 60)
+    return task
+
+
+async def _occupy_local(engine):
+    """Start an endless request on the serving process's own copy (the first goes there)."""
+    task = await _start_endless(engine, "Describe.", 80)
     assert engine.local_load == 1
     return task
 
@@ -138,14 +150,7 @@ def test_cancelling_a_request_stops_its_row_in_the_replica(pair) -> None:
     async def scenario():
         busy = await _occupy_local(double)
         aborted = replica.aborted
-        first = asyncio.Event()
-
-        async def consume():
-            async for _ in double.generate(GenerationRequest(Chat.single("Tell me.", [image(60, 60)]), ENDLESS)):
-                first.set()
-
-        task = asyncio.create_task(consume())
-        await asyncio.wait_for(first.wait(), 60)
+        task = await _start_endless(double, "Tell me.", 60)
         assert replica.load == 1
         await _stop(task)
         await _until(lambda: replica.aborted == aborted + 1 and replica.load == 0)
@@ -161,18 +166,8 @@ def test_a_dead_replica_fails_its_requests_and_the_rest_goes_on() -> None:
 
         async def scenario():
             busy = await _occupy_local(engine)
-            first = asyncio.Event()
             outcome: list[BaseException] = []
-
-            async def consume():
-                try:
-                    async for _ in engine.generate(GenerationRequest(Chat.single("Go on.", [image(64, 64)]), ENDLESS)):
-                        first.set()
-                except EngineError as exc:
-                    outcome.append(exc)
-
-            task = asyncio.create_task(consume())
-            await asyncio.wait_for(first.wait(), 60)
+            task = await _start_endless(engine, "Go on.", 64, outcome)
             os.kill(replica.process.pid, signal.SIGKILL)
             await asyncio.wait_for(task, 60)
             await _stop(busy)

@@ -331,11 +331,7 @@ class RequestPreprocessor:
         theirs = {k: v for k, v in ref.items() if isinstance(v, torch.Tensor) and k != "attention_mask"}
         if set(ours) != set(theirs):
             return f"outputs {sorted(ours)} differ from the processor's {sorted(theirs)} on a {len(images)}-image probe"
-        for name, value in ours.items():
-            other = theirs[name]
-            if other.shape != value.shape or not torch.allclose(other.to(value.dtype), value, atol=1e-5):
-                return f"{name} differs from the processor's on a {len(images)}-image probe"
-        return None
+        return _first_difference(ours, theirs, f"a {len(images)}-image probe")
 
     def _probe(self, w: int, h: int) -> str | None:
         """What differs between the two paths on one seeded noise image, or None."""
@@ -355,8 +351,13 @@ class RequestPreprocessor:
         missing = [k for k, v in ref.items() if isinstance(v, torch.Tensor) and k not in ("input_ids", "attention_mask") and k not in ours]
         if missing:
             return f"the processor also returns {missing}, which vlmlab does not make"
-        for name, value in ours.items():
-            other = ref[name]
-            if other.shape != value.shape or not torch.allclose(other.to(value.dtype), value, atol=1e-5):
-                return f"{name} differs from the processor's on a {w}x{h} probe"
-        return None
+        return _first_difference(ours, ref, f"a {w}x{h} probe")
+
+
+def _first_difference(ours: Mapping[str, torch.Tensor], theirs: Mapping[str, Any], label: str) -> str | None:
+    """The first of ``ours`` whose shape or values (beyond 1e-5) differ from ``theirs``."""
+    for name, value in ours.items():
+        other = theirs[name]
+        if other.shape != value.shape or not torch.allclose(other.to(value.dtype), value, atol=1e-5):
+            return f"{name} differs from the processor's on {label}"
+    return None
