@@ -123,6 +123,24 @@ def test_streaming_chunks_add_up_to_the_result(engine) -> None:
     assert "".join(chunks) == result.text
 
 
+def test_streamed_chunks_count_the_tokens_since_the_previous_chunk(engine) -> None:
+    sampling = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+    async def collect():
+        counts, result = [], None
+        async for item in engine.generate(GenerationRequest(Chat.single("Describe it.", [image(90, 70)]), sampling)):
+            if isinstance(item, GenerationChunk):
+                counts.append(item.token_count)
+            else:
+                result = item
+        return counts, result
+
+    counts, result = run(collect())
+    assert len(counts) > 3 and all(c >= 1 for c in counts)
+    # Tokens that add no text yet are counted with the next chunk; none is counted twice.
+    assert result.completion_tokens - 2 <= sum(counts) <= result.completion_tokens == 24
+
+
 def _batch_requests() -> list[GenerationRequest]:
     questions = ["What colour is the shape?", "What shape is it?", "How many shapes are there?", "Is it red?"]
     colours = ["red", "blue", "green", "yellow"]

@@ -46,6 +46,7 @@ class Job:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0  # characters already streamed
+    sent_tokens: int = 0  # tokens already accounted for in streamed chunks
     finish_reason: FinishReason | None = None
     generator: torch.Generator | None = None
     image_features: list[torch.Tensor] | None = None  # encoded ahead: one tensor per image
@@ -244,8 +245,8 @@ class RowTracker(StoppingCriteria):
                         limit -= k
                         break
         if limit > job.sent:
-            job.emit(GenerationChunk(text=text[job.sent : limit], token_count=len(job.token_ids)))
-            job.sent = limit
+            job.emit(GenerationChunk(text=text[job.sent : limit], token_count=len(job.token_ids) - job.sent_tokens))
+            job.sent, job.sent_tokens = limit, len(job.token_ids)
 
 
 class Batcher:

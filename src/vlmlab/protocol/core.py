@@ -191,7 +191,12 @@ class Timings:
 
 @dataclass(frozen=True)
 class GenerationChunk:
-    """A piece of streamed output. The last chunk of a stream has ``finish_reason`` set."""
+    """A piece of streamed output. The last chunk of a stream has ``finish_reason`` set.
+
+    ``token_count``: tokens generated since the previous chunk (a token that adds no text yet
+    is counted with the next chunk); engines that only see text, such as a remote server's SSE
+    pieces, count one per piece.
+    """
 
     text: str
     token_count: int = 0
