@@ -240,3 +240,31 @@ def test_numpy_bicubic_matches_torch_interpolate() -> None:
         np.testing.assert_allclose(
             cubic_resize_planes(planes, (336, 336)), expected.numpy(), atol=2e-5
         )
+
+
+@pytest.mark.parametrize(
+    ("image_hw", "canvas_hw", "top", "left", "fill"),
+    [
+        ((100, 70), (128, 128), 14, 29, 0),  # centred in one tile
+        ((200, 256), (256, 256), 28, 0, 0),  # full width, bands above and below
+        ((130, 250), (256, 384), 0, 67, 127),  # tiles of pure fill on either side
+        ((256, 384), (256, 384), 0, 0, 0),  # no padding at all
+    ],
+)
+def test_canvas_tiles_equal_pasting_then_tiling(image_hw, canvas_hw, top, left, fill) -> None:
+    """The anyres tiles written straight into the output equal the canvas built and cut up."""
+    from vlmlab.preprocess.kernels import (
+        Normalization,
+        grid_tiles,
+        normalize_canvas_tiles,
+        normalize_tiles,
+        paste_centered,
+    )
+
+    norm = Normalization((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    image = np.random.default_rng(sum(image_hw)).integers(0, 256, (*image_hw, 3), dtype=np.uint8)
+    tile = 128
+    expected = normalize_tiles(grid_tiles(paste_centered(image, canvas_hw, fill, top, left), tile, tile), norm, (tile, tile))
+    out = np.full(expected.shape, np.nan, dtype=np.float32)
+    normalize_canvas_tiles(out, image, canvas_hw[1], top, left, fill, norm)
+    np.testing.assert_array_equal(out, expected)

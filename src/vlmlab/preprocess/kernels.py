@@ -198,6 +198,31 @@ def normalize_tiles(
     return out
 
 
+def normalize_canvas_tiles(
+    out: np.ndarray, image: np.ndarray, canvas_w: int, top: int, left: int, fill: int, norm: Normalization
+) -> None:
+    """``normalize_tiles(grid_tiles(paste_centered(image, ..., fill, top, left)))`` written into
+    ``out`` (n, 3, th, tw) without building the canvas: each output pixel is written once, from
+    the HWC uint8 ``image`` or as the normalized ``fill``."""
+    th, tw = out.shape[2], out.shape[3]
+    cols = canvas_w // tw
+    height, width = image.shape[:2]
+    background = np.empty((3, 1, 1), dtype=np.float32)
+    normalize_into(background, np.full((1, 1, 3), fill, dtype=np.uint8), norm)  # same arithmetic
+    for index in range(out.shape[0]):
+        row, col = divmod(index, cols)
+        y0, x0 = row * th, col * tw
+        # the image's part of this tile, in tile coordinates
+        ty0, ty1 = max(0, top - y0), min(th, top + height - y0)
+        tx0, tx1 = max(0, left - x0), min(tw, left + width - x0)
+        tile = out[index]
+        if ty0 >= ty1 or tx0 >= tx1 or (ty0, tx0, ty1, tx1) != (0, 0, th, tw):
+            tile[...] = background
+        if ty0 < ty1 and tx0 < tx1:
+            part = image[y0 + ty0 - top : y0 + ty1 - top, x0 + tx0 - left : x0 + tx1 - left]
+            normalize_into(tile[:, ty0:ty1, tx0:tx1], part, norm)
+
+
 def grid_tiles(canvas: np.ndarray, tile_h: int, tile_w: int) -> list[np.ndarray]:
     """Row-major (top-left first) tiles of an HWC canvas whose sides are multiples of the tile."""
     rows, cols = canvas.shape[0] // tile_h, canvas.shape[1] // tile_w

@@ -37,7 +37,8 @@ from vlmlab.preprocess.core import HF_BACKENDS, Context, Pipeline
 from vlmlab.preprocess.kernels import (
     Normalization,
     Pixels,
-    grid_tiles,
+    normalize_canvas_tiles,
+    normalize_into,
     normalize_tiles,
     paste_centered,
 )
@@ -75,15 +76,19 @@ def _anyres(
         if options.get("multi_image"):
             return {**base_view(pixels, ctx), "image_sizes": np.array([[height, width]], dtype=np.int64), **{n: v.copy() for n, v in extra.items()}}
         (canvas_h, canvas_w), fitted = plan(width, height)
-        fitted_hwc = ctx.hwc(ctx.resize(pixels, fitted, "bicubic"))
-        base_hwc = ctx.hwc(ctx.resize(pixels, (tile, tile), "bicubic"))
-        with ctx.stage("to_tensor"):
-            # divmod(target - size, 2): the left/top pad is the smaller half.
-            top, left = (canvas_h - fitted[1]) // 2, (canvas_w - fitted[0]) // 2
-            canvas = paste_centered(fitted_hwc, (canvas_h, canvas_w), 0, top, left)
-            views = [base_hwc, *grid_tiles(canvas, tile, tile)]
+        fitted_px = ctx.resize(pixels, fitted, "bicubic")
+        fitted_hwc = ctx.hwc(fitted_px)
+        # Fast mode squashes the base view from the fitted image (a third of a photo's pixels or
+        # fewer) instead of the source: the same picture, resampled twice.
+        base_hwc = ctx.hwc(ctx.resize(fitted_px if ctx.mode == "fast" else pixels, (tile, tile), "bicubic"))
         with ctx.stage("normalize"):
-            values = normalize_tiles(views, norm, (tile, tile))[None]
+            # The base view, then the tiles of the canvas (the fitted image centred on black,
+            # divmod(target - size, 2): the left/top pad is the smaller half), written straight
+            # into the output.
+            values = np.empty((1, 1 + (canvas_h // tile) * (canvas_w // tile), 3, tile, tile), dtype=np.float32)
+            normalize_into(values[0, 0], base_hwc, norm)
+            top, left = (canvas_h - fitted[1]) // 2, (canvas_w - fitted[0]) // 2
+            normalize_canvas_tiles(values[0, 1:], fitted_hwc, canvas_w, top, left, 0, norm)
         with ctx.stage("to_tensor"):
             tensors = {
                 "pixel_values": values,
