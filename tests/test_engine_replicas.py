@@ -21,7 +21,7 @@ from vlmlab.engines import GenerationRequest, complete, load_engine
 from vlmlab.protocol.core import Chat, SamplingParams
 from vlmlab.protocol.errors import ConfigError, EngineError
 
-from serverutil import data_url, image_message, png_bytes
+from serverutil import data_url, image_message, png_bytes, running_server
 from test_engine_hf import _batch_requests, image
 
 pytest.importorskip("torch")
@@ -254,3 +254,31 @@ def test_a_killed_server_leaves_no_worker_processes(tmp_path: Path) -> None:
     while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [pid for pid in workers if _running(pid)]
+
+
+def test_a_server_with_two_copies_answers_streams_and_shows_them_in_stats() -> None:
+    """`vlmlab serve --data-parallel-size 2` end to end, with the official client."""
+    import openai
+
+    from vlmlab.config import ServerSettings
+
+    settings = ServerSettings(engines=(EngineSpec(model="nano", device="cpu", data_parallel_size=2),), response_cache_entries=0)
+    with running_server(settings) as server:
+        client = openai.AsyncOpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        messages = image_message("What colour is the shape?", data_url(png_bytes(colour="blue")))
+
+        async def burst():
+            plain = [client.chat.completions.create(model="nano", messages=messages, max_tokens=16, temperature=0) for _ in range(6)]
+            answers = await asyncio.gather(*plain)
+            stream = await client.chat.completions.create(model="nano", messages=messages, max_tokens=16, temperature=0, stream=True)
+            streamed = "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+            await client.close()
+            return answers, streamed
+
+        answers, streamed = run(burst())
+        texts = {a.choices[0].message.content for a in answers}
+        assert len(texts) == 1 and streamed in texts  # greedy: every copy says the same
+        stats = httpx.get(f"{server.url}/stats", timeout=10).json()
+        copies = stats["engine_details"]["replicas"]
+        assert [c["alive"] for c in copies] == [True, True]
+        assert sum(c["requests"] for c in copies) == 7 and min(c["requests"] for c in copies) >= 1

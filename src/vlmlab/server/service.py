@@ -307,6 +307,7 @@ class ChatService:
             "engine": info.engine if info else None,
             "engine_model": info.model if info else None,
             "device": info.device if info else None,
+            "engine_details": dict(info.details) if info else None,  # batching, data-parallel copies
             "uptime_s": round(time.time() - self.started_at, 3),
             "healthy": healthy,
             "health_reason": why,
