@@ -123,6 +123,19 @@ def test_streaming_chunks_add_up_to_the_result(engine) -> None:
     assert "".join(chunks) == result.text
 
 
+def test_a_request_that_does_not_stream_gets_only_its_result(engine) -> None:
+    """stream=False (a non-streaming API call): no per-token chunks, the same answer."""
+
+    async def items(stream: bool):
+        request = GenerationRequest(Chat.single("What shape is it?", [image(110, 80, "blue", "circle")]), GREEDY, stream=stream)
+        return [item async for item in engine.generate(request)]
+
+    streamed, final_only = run(items(True)), run(items(False))
+    assert len(streamed) > 1 and all(isinstance(i, GenerationChunk) for i in streamed[:-1])
+    assert len(final_only) == 1 and isinstance(final_only[0], GenerationResult)
+    assert final_only[0].text == streamed[-1].text and final_only[0].completion_tokens == streamed[-1].completion_tokens
+
+
 def test_streamed_chunks_count_the_tokens_since_the_previous_chunk(engine) -> None:
     sampling = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 

@@ -64,6 +64,9 @@ class GenerationRequest:
     # "exact" (equal to the model's processor) or "fast" (vlmlab.preprocess's opt-in mode:
     # same tokens, close pixels); engines without their own image path ignore it.
     preprocess_mode: str = "exact"
+    # False: the caller wants only the result, so an engine may skip the intermediate chunks
+    # (vLLM's FINAL_ONLY output kind): no per-token wake-ups of the event loop.
+    stream: bool = True
 
     def __post_init__(self) -> None:
         for index, image in enumerate(self.chat.images):

@@ -387,6 +387,7 @@ class HFEngine(Engine):
         prompt_tokens = int(inputs["input_ids"].shape[1])
         job = Job(inputs=inputs, prompt_tokens=prompt_tokens, sampling=sampling, loop=loop, queue=asyncio.Queue())
         job.image_features = features
+        job.stream = request.stream
         if sampling.seed is not None and not sampling.greedy:
             import torch
 

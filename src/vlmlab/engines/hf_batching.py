@@ -47,6 +47,7 @@ class Job:
     text: str = ""
     sent: int = 0  # characters already streamed
     sent_tokens: int = 0  # tokens already accounted for in streamed chunks
+    stream: bool = True  # False: no chunks, only the end (the caller reads the result)
     finish_reason: FinishReason | None = None
     generator: torch.Generator | None = None
     image_features: list[torch.Tensor] | None = None  # encoded ahead: one tensor per image
@@ -234,6 +235,8 @@ class RowTracker(StoppingCriteria):
     def _stream(job: Job) -> None:
         """Send the text that can no longer change: hold back a partial stop string or a
         half-decoded character (U+FFFD) at the end until the next token settles it."""
+        if not job.stream:
+            return
         text = job.text
         limit = len(text)
         if job.finish_reason is None:

@@ -181,7 +181,7 @@ class Replica:
         rid = next(self._ids)
         fields = {
             "inputs": job.inputs, "prompt_tokens": job.prompt_tokens, "sampling": job.sampling,
-            "submitted": job.submitted, "image_features": job.image_features,
+            "submitted": job.submitted, "image_features": job.image_features, "stream": job.stream,
         }  # fmt: skip
         self.jobs[rid] = job
         self.submitted += 1

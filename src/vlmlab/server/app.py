@@ -26,6 +26,7 @@ from vlmlab.protocol.core import GenerationChunk, GenerationResult
 from vlmlab.protocol.errors import (
     AuthenticationError,
     BadRequestError,
+    EngineError,
     EngineUnavailableError,
     NotFoundError,
     OverloadedError,
@@ -131,10 +132,10 @@ def create_app(settings: ServerSettings, chain: EngineChain | None = None) -> Fa
         service = service_of(request)
         check_model(body, service)
         items = service.stream(body)
+        if not body.stream:
+            return await respond(request, service, items)
         first = await anext(items)  # errors before any output become plain HTTP errors
-        if body.stream:
-            return StreamingResponse(sse(body, service, first, items), media_type="text/event-stream")
-        return await respond(request, service, first, items)
+        return StreamingResponse(sse(body, service, first, items), media_type="text/event-stream")
 
     @app.post("/tokenize", dependencies=auth)
     async def tokenize(body: ChatCompletionRequest, request: Request) -> dict[str, Any]:
@@ -189,14 +190,15 @@ def check_model(body: ChatCompletionRequest, service: ChatService) -> None:
         raise NotFoundError(f"The model {body.model!r} does not exist; this server serves {served!r}", param="model")
 
 
-async def respond(request: Request, service: ChatService, first: Any, items: AsyncIterator[Any]) -> Response:
-    """Drain the generation; cancel it when the client disconnects before the answer."""
+async def respond(request: Request, service: ChatService, items: AsyncIterator[Any]) -> Response:
+    """Drain the generation (which, not streamed, may yield its result alone); cancel it when the
+    client disconnects before the answer. Its errors become plain HTTP errors."""
 
     async def drain() -> GenerationResult:
-        item = first
-        while not isinstance(item, GenerationResult):
-            item = await anext(items)
-        return item
+        async for item in items:
+            if isinstance(item, GenerationResult):
+                return item
+        raise EngineError("the engine ended the generation without a result")
 
     task = asyncio.ensure_future(drain())
     try:
@@ -205,13 +207,13 @@ async def respond(request: Request, service: ChatService, first: Any, items: Asy
             if not task.done() and await request.is_disconnected():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-                await items.aclose()
                 return JSONResponse({}, status_code=499)
         result = task.result()
     finally:
         if not task.done():
             task.cancel()
-    await items.aclose()
+            await asyncio.gather(task, return_exceptions=True)
+        await items.aclose()
     body = ChatCompletionResponse.from_result(result, model=service.settings.model_name)
     return Response(body.model_dump_json(), media_type="application/json")
 

@@ -227,7 +227,7 @@ class ChatService:
                     self.metrics.observe_result(result, time.perf_counter() - start)
                     yield result
                     return
-            items = self._generate(GenerationRequest(chat, sampling, options, preprocess_mode=mode), start, media_s)
+            items = self._generate(GenerationRequest(chat, sampling, options, preprocess_mode=mode, stream=bool(body.stream)), start, media_s)
             try:
                 while True:
                     try:
