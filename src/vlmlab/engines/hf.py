@@ -394,7 +394,14 @@ class HFEngine(Engine):
             job.generator = torch.Generator().manual_seed(sampling.seed)
         replica, rid = self._route(), None
         if replica is not None:
-            rid = replica.submit(job)
+            rid = replica.register(job)
+            # Pickling a job's tensors (tens of MB for a large image's pixels) stays off the loop.
+            sending = loop.run_in_executor(None, replica.send, rid, job)
+            try:
+                await asyncio.shield(sending)
+            except asyncio.CancelledError:
+                sending.add_done_callback(lambda _: replica.cancel(rid))
+                raise
         else:
             self.batcher.submit(job)
             self.local_load += 1

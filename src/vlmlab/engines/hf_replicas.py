@@ -177,20 +177,24 @@ class Replica:
         threading.Thread(target=self._read, name=f"vlmlab-replica-{self.index}-reader", daemon=True).start()
         return True
 
-    def submit(self, job: Job) -> int:
+    def register(self, job: Job) -> int:
+        """Count ``job`` against this replica at once (routing sees it); :meth:`send` ships it."""
         rid = next(self._ids)
+        self.jobs[rid] = job
+        self.submitted += 1
+        return rid
+
+    def send(self, rid: int, job: Job) -> None:
+        """Ship a registered job (pickling its tensors: call it off the event loop)."""
         fields = {
             "inputs": job.inputs, "prompt_tokens": job.prompt_tokens, "sampling": job.sampling,
             "submitted": job.submitted, "image_features": job.image_features, "stream": job.stream,
         }  # fmt: skip
-        self.jobs[rid] = job
-        self.submitted += 1
         try:
             self._send(("job", rid, fields))
         except (OSError, ValueError) as exc:
             self.jobs.pop(rid, None)
             raise EngineError(f"data-parallel replica {self.index} is unreachable: {exc}") from exc
-        return rid
 
     def cancel(self, rid: int) -> None:
         if rid in self.jobs:
