@@ -228,36 +228,41 @@ class HFEngine(Engine):
             if device != "cpu":
                 logger.warning("--data-parallel-size %d on %s: every replica uses the same device", spec.data_parallel_size, device)
             replicas = start_replicas(spec, spec.data_parallel_size - 1)
-        dtype = {"auto": "bf16" if device.startswith("cuda") else "fp32"}.get(spec.dtype, spec.dtype)
-        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-        quant = hf_quantization(spec.extra, device, torch_dtype)  # --quantization / --load-in-4bit
         try:
-            processor = AutoProcessor.from_pretrained(source, **kwargs)
+            dtype = {"auto": "bf16" if device.startswith("cuda") else "fp32"}.get(spec.dtype, spec.dtype)
+            torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+            quant = hf_quantization(spec.extra, device, torch_dtype)  # --quantization / --load-in-4bit
             try:
-                model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype, **kwargs, **quant.load_kwargs)
-            except ValueError as exc:
-                if not spec.trust_remote_code:
-                    raise ConfigError(f"unsupported architecture for {spec.model!r} ({config.__class__.__name__}): {exc}") from exc
-                from transformers import AutoModelForCausalLM  # remote-code VLMs (Phi-3.5-vision)
+                processor = AutoProcessor.from_pretrained(source, **kwargs)
+                try:
+                    model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype, **kwargs, **quant.load_kwargs)
+                except ValueError as exc:
+                    if not spec.trust_remote_code:
+                        raise ConfigError(f"unsupported architecture for {spec.model!r} ({config.__class__.__name__}): {exc}") from exc
+                    from transformers import (
+                        AutoModelForCausalLM,  # remote-code VLMs (Phi-3.5-vision)
+                    )
 
-                model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs, **quant.load_kwargs)
-        except (OSError, ImportError) as exc:
+                    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs, **quant.load_kwargs)
+            except (OSError, ImportError) as exc:
+                raise EngineError(f"failed to load {spec.model!r}: {exc}") from exc
+            if not getattr(processor, "chat_template", None) and not getattr(getattr(processor, "tokenizer", None), "chat_template", None):
+                raise ConfigError(f"{spec.model!r} has no chat template; add chat_template.jinja to the checkpoint")
+            if not quant.places_weights:  # bitsandbytes put the weights on the GPU while loading
+                model.to(device)
+            quant.finish(model.eval())
+            # Intra-op threads pay off for big matrices only: on a tiny model (nano, 2.5M parameters)
+            # every op is dispatch-bound and a second thread only adds synchronisation (measured:
+            # 1 thread decodes 1.4-1.5x faster than 2 on this CPU, benchmarks/engine_hf.py).
+            # extra["torch_threads"] overrides.
+            params = sum(p.numel() for p in model.parameters())
+            default_threads = 1 if params < 100_000_000 else max(1, (os.cpu_count() or 1) // spec.data_parallel_size)
+            torch.set_num_threads(int(spec.extra.get("torch_threads", default_threads)))
+            engine = cls(spec, model, processor, family, spec.model, device, quant.label(dtype), time.perf_counter() - start)
+        except BaseException:  # the replicas would otherwise outlive a failed load
             for started in replicas:
                 started.close()
-            raise EngineError(f"failed to load {spec.model!r}: {exc}") from exc
-        if not getattr(processor, "chat_template", None) and not getattr(getattr(processor, "tokenizer", None), "chat_template", None):
-            raise ConfigError(f"{spec.model!r} has no chat template; add chat_template.jinja to the checkpoint")
-        if not quant.places_weights:  # bitsandbytes put the weights on the GPU while loading
-            model.to(device)
-        quant.finish(model.eval())
-        # Intra-op threads pay off for big matrices only: on a tiny model (nano, 2.5M parameters)
-        # every op is dispatch-bound and a second thread only adds synchronisation (measured:
-        # 1 thread decodes 1.4-1.5x faster than 2 on this CPU, benchmarks/engine_hf.py).
-        # extra["torch_threads"] overrides.
-        params = sum(p.numel() for p in model.parameters())
-        default_threads = 1 if params < 100_000_000 else max(1, (os.cpu_count() or 1) // spec.data_parallel_size)
-        torch.set_num_threads(int(spec.extra.get("torch_threads", default_threads)))
-        engine = cls(spec, model, processor, family, spec.model, device, quant.label(dtype), time.perf_counter() - start)
+            raise
         if replicas:
             from vlmlab.engines.hf_replicas import await_replicas
 

@@ -236,6 +236,8 @@ class Replica:
                 job.emit(("error", EngineError(f"data-parallel replica {self.index} died")))
 
     def close(self) -> None:
+        if not self.alive:  # still loading, or failed: nothing to finish there
+            self.process.terminate()
         self.alive = False
         try:
             self._send(("close", None))
