@@ -108,47 +108,36 @@ def test_spliced_preprocessing_equals_whole_processing(engine) -> None:
     assert torch.allclose(spliced["pixel_values"], ref["pixel_values"], atol=1e-6)
 
 
-def test_streaming_chunks_add_up_to_the_result(engine) -> None:
-    async def collect():
-        chunks, result = [], None
-        async for item in engine.generate(GenerationRequest(Chat.single("What shape is it?", [image(120, 120)]), GREEDY)):
-            if isinstance(item, GenerationChunk):
-                chunks.append(item.text)
-            else:
-                result = item
-        return chunks, result
+def streamed(engine, request: GenerationRequest) -> tuple[list[GenerationChunk], GenerationResult]:
+    """A generation's chunks and its result."""
 
-    chunks, result = run(collect())
-    assert isinstance(result, GenerationResult)
-    assert "".join(chunks) == result.text
+    async def collect():
+        return [item async for item in engine.generate(request)]
+
+    items = run(collect())
+    assert isinstance(items[-1], GenerationResult) and all(isinstance(i, GenerationChunk) for i in items[:-1])
+    return items[:-1], items[-1]
+
+
+def test_streaming_chunks_add_up_to_the_result(engine) -> None:
+    chunks, result = streamed(engine, GenerationRequest(Chat.single("What shape is it?", [image(120, 120)]), GREEDY))
+    assert "".join(c.text for c in chunks) == result.text
 
 
 def test_a_request_that_does_not_stream_gets_only_its_result(engine) -> None:
     """stream=False (a non-streaming API call): no per-token chunks, the same answer."""
 
-    async def items(stream: bool):
-        request = GenerationRequest(Chat.single("What shape is it?", [image(110, 80, "blue", "circle")]), GREEDY, stream=stream)
-        return [item async for item in engine.generate(request)]
-
-    streamed, final_only = run(items(True)), run(items(False))
-    assert len(streamed) > 1 and all(isinstance(i, GenerationChunk) for i in streamed[:-1])
-    assert len(final_only) == 1 and isinstance(final_only[0], GenerationResult)
-    assert final_only[0].text == streamed[-1].text and final_only[0].completion_tokens == streamed[-1].completion_tokens
+    chat = Chat.single("What shape is it?", [image(110, 80, "blue", "circle")])
+    chunks, result = streamed(engine, GenerationRequest(chat, GREEDY))
+    no_chunks, alone = streamed(engine, GenerationRequest(chat, GREEDY, stream=False))
+    assert chunks and not no_chunks
+    assert (alone.text, alone.completion_tokens) == (result.text, result.completion_tokens)
 
 
 def test_streamed_chunks_count_the_tokens_since_the_previous_chunk(engine) -> None:
     sampling = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-
-    async def collect():
-        counts, result = [], None
-        async for item in engine.generate(GenerationRequest(Chat.single("Describe it.", [image(90, 70)]), sampling)):
-            if isinstance(item, GenerationChunk):
-                counts.append(item.token_count)
-            else:
-                result = item
-        return counts, result
-
-    counts, result = run(collect())
+    chunks, result = streamed(engine, GenerationRequest(Chat.single("Describe it.", [image(90, 70)]), sampling))
+    counts = [c.token_count for c in chunks]
     assert len(counts) > 3 and all(c >= 1 for c in counts)
     # Tokens that add no text yet are counted with the next chunk; none is counted twice.
     assert result.completion_tokens - 2 <= sum(counts) <= result.completion_tokens == 24
