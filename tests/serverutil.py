@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -49,6 +50,13 @@ def running_server(settings: ServerSettings, chain: EngineChain | None = None) -
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (nothing listens there now)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def png_bytes(w: int = 96, h: int = 64, colour: str = "red", shape: str = "square") -> bytes:

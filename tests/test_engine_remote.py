@@ -10,7 +10,6 @@ import functools
 import http.server
 import io
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from serverutil import data_url, image_message, png_bytes, running_server
+from serverutil import data_url, free_port, image_message, png_bytes, running_server
 from vlmlab.config import EngineSpec, ServerSettings
 from vlmlab.engines import GenerationRequest, load_engine
 from vlmlab.engines.remote import RemoteEngine
@@ -232,12 +231,6 @@ class TcpProxy:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- helpers -------------------------------------------------------------------------------------

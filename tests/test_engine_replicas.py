@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from vlmlab.engines import GenerationRequest, complete, load_engine
 from vlmlab.protocol.core import Chat, SamplingParams
 from vlmlab.protocol.errors import ConfigError, EngineError
 
-from serverutil import data_url, image_message, png_bytes, running_server
+from serverutil import data_url, free_port, image_message, png_bytes, running_server
 from test_engine_hf import _batch_requests, image
 
 pytest.importorskip("torch")
@@ -223,9 +222,7 @@ def test_a_killed_server_leaves_no_worker_processes(tmp_path: Path) -> None:
     they notice that their parent is gone and exit."""
     config = tmp_path / "serve.json"
     config.write_text(json.dumps({"data_parallel_size": 2, "preprocess_pool_min_bytes": 0, "preprocess_workers": 1}))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "vlmlab", "serve", "--config", str(config), "--port", str(port), "--log-level", "warning"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -13,7 +13,6 @@ import io
 import ipaddress
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import struct
@@ -28,6 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from serverutil import free_port
 from vlmlab.media import MediaPolicy, load_image, probe_image
 from vlmlab.media_net import domain_allowed, forbidden_reason, parse_ipv4_literal
 from vlmlab.protocol.errors import (
@@ -629,9 +629,7 @@ def test_non_image_content_names_the_url(server: str) -> None:
 
 
 def test_unreachable_port_is_a_fetch_error() -> None:
-    with socket.socket() as s:  # a port that was just free: nothing listens there
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens there
     with pytest.raises(MediaFetchError, match=rf"127\.0\.0\.1:{port}/a\.png failed"):
         load_image(f"http://127.0.0.1:{port}/a.png", TRUSTED)
 

@@ -216,7 +216,7 @@ def normalize_canvas_tiles(
         ty0, ty1 = max(0, top - y0), min(th, top + height - y0)
         tx0, tx1 = max(0, left - x0), min(tw, left + width - x0)
         tile = out[index]
-        if ty0 >= ty1 or tx0 >= tx1 or (ty0, tx0, ty1, tx1) != (0, 0, th, tw):
+        if (ty0, tx0, ty1, tx1) != (0, 0, th, tw):  # not all image: fill first
             tile[...] = background
         if ty0 < ty1 and tx0 < tx1:
             part = image[y0 + ty0 - top : y0 + ty1 - top, x0 + tx0 - left : x0 + tx1 - left]
