@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -57,6 +59,33 @@ def torch_module() -> Any:
             param="backend",
         ) from e
     return torch
+
+
+# --------------------------------------------------------------------------- output buffers
+
+OutputAllocator = Callable[[tuple[int, ...], np.dtype], "np.ndarray | None"]
+_OUTPUT_ALLOCATOR: ContextVar[OutputAllocator | None] = ContextVar("vlmlab_output_allocator", default=None)
+
+
+def use_output_allocator(allocator: OutputAllocator | None, token: Token | None = None) -> Token:
+    """Route :func:`output_array` to ``allocator`` (a preprocessing worker's shared memory,
+    :class:`vlmlab.preprocess.shm.Arena`); with ``token`` restore what was before it."""
+    if token is not None:
+        _OUTPUT_ALLOCATOR.reset(token)
+        return token
+    return _OUTPUT_ALLOCATOR.set(allocator)
+
+
+def output_array(shape: tuple[int, ...], dtype: Any = np.float32, *, zeros: bool = False) -> np.ndarray:
+    """A tensor a pipeline returns (``pixel_values`` and the like): from the current output
+    allocator when one is set and takes it (its arrays are zero-filled), else ``np.empty`` /
+    ``np.zeros``."""
+    allocator = _OUTPUT_ALLOCATOR.get()
+    if allocator is not None:
+        array = allocator(tuple(int(n) for n in shape), np.dtype(dtype))
+        if array is not None:
+            return array
+    return np.zeros(shape, dtype=dtype) if zeros else np.empty(shape, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- pixels
@@ -192,7 +221,7 @@ def normalize_tiles(
 ) -> np.ndarray:
     """Stack same-size HWC uint8 ``views`` into one normalized ``(n, 3, th, tw)`` float32 array."""
     th, tw = tile
-    out = np.empty((len(views), 3, th, tw), dtype=np.float32)
+    out = output_array((len(views), 3, th, tw))
     for index, view in enumerate(views):
         normalize_into(out[index], view, norm)
     return out

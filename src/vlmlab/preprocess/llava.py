@@ -40,6 +40,7 @@ from vlmlab.preprocess.kernels import (
     normalize_canvas_tiles,
     normalize_into,
     normalize_tiles,
+    output_array,
     paste_centered,
 )
 
@@ -85,7 +86,7 @@ def _anyres(
             # The base view, then the tiles of the canvas (the fitted image centred on black,
             # divmod(target - size, 2): the left/top pad is the smaller half), written straight
             # into the output.
-            values = np.empty((1, 1 + (canvas_h // tile) * (canvas_w // tile), 3, tile, tile), dtype=np.float32)
+            values = output_array((1, 1 + (canvas_h // tile) * (canvas_w // tile), 3, tile, tile))
             normalize_into(values[0, 0], base_hwc, norm)
             top, left = (canvas_h - fitted[1]) // 2, (canvas_w - fitted[0]) // 2
             normalize_canvas_tiles(values[0, 1:], fitted_hwc, canvas_w, top, left, 0, norm)

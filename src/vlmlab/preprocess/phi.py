@@ -37,7 +37,13 @@ from PIL import Image
 from vlmlab.families import ImageSizeError
 from vlmlab.families.phi3_vision import CROP, hd_canvas, hd_scale, tokens_for_canvas
 from vlmlab.preprocess.core import Context, Pipeline
-from vlmlab.preprocess.kernels import Normalization, Pixels, cubic_resize_planes, normalize_into
+from vlmlab.preprocess.kernels import (
+    Normalization,
+    Pixels,
+    cubic_resize_planes,
+    normalize_into,
+    output_array,
+)
 
 # image_processing_phi3_v.py Phi3VImageProcessor defaults: OPENAI_CLIP_MEAN / OPENAI_CLIP_STD.
 CLIP = Normalization((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
@@ -108,7 +114,7 @@ def _run(
             top = int((canvas_h - resized_size[1]) / 2)
             canvas[top : top + resized_size[1]] = resized
     rows, cols = canvas_h // CROP, canvas_w // CROP
-    out = np.empty((1, num_crops + 1, 3, CROP, CROP), dtype=np.float32)
+    out = output_array((1, num_crops + 1, 3, CROP, CROP))
     with ctx.stage("normalize"):
         planes = np.empty((3, canvas_h, canvas_w), dtype=np.float32)
         normalize_into(planes, canvas, CLIP)

@@ -30,7 +30,7 @@ import numpy as np
 from vlmlab.families import nano as nano_family
 from vlmlab.families.pixtral import resized_size
 from vlmlab.preprocess.core import HF_BACKENDS, Context, Pipeline
-from vlmlab.preprocess.kernels import Normalization, Pixels, normalize_into, resize
+from vlmlab.preprocess.kernels import Normalization, Pixels, normalize_into, output_array, resize
 from vlmlab.protocol.errors import ConfigError
 
 # mistral_common tokens/tokenizers/image.py DATASET_MEAN / DATASET_STD (= OpenAI CLIP; also
@@ -71,7 +71,7 @@ def _run_mistral(
                 pixels.hwc().astype(np.float32), target, interpolation=_cv2().INTER_CUBIC
             )
     with ctx.stage("normalize"):
-        out = np.empty((3, target[1], target[0]), dtype=np.float32)
+        out = output_array((3, target[1], target[0]))
         normalize_into(out, resized, CLIP)
     return {"pixel_values": out}
 
@@ -83,7 +83,7 @@ def _hf_run(longest_edge: int, norm: Normalization) -> Any:
         target = resized_size(*size, variant="hf", longest_edge=longest_edge)
         resized = ctx.hwc(ctx.resize(pixels, target, "bicubic"))
         with ctx.stage("normalize"):
-            out = np.empty((1, 3, target[1], target[0]), dtype=np.float32)
+            out = output_array((1, 3, target[1], target[0]))
             normalize_into(out[0], resized, norm)
         with ctx.stage("to_tensor"):
             sizes = np.array([[target[1], target[0]]], dtype=np.int64)

@@ -30,7 +30,7 @@ import numpy as np
 
 from vlmlab.families.qwen2_vl import MERGE, PATCH, hf_smart_resize, qwen_vl_utils_smart_resize
 from vlmlab.preprocess.core import HF_BACKENDS, Context, Pipeline
-from vlmlab.preprocess.kernels import Normalization, Pixels, resize
+from vlmlab.preprocess.kernels import Normalization, Pixels, output_array, resize
 
 # Qwen/Qwen2-VL-*-Instruct and Qwen2.5-VL-*-Instruct preprocessor_config.json.
 QWEN_NORM = Normalization((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
@@ -65,7 +65,7 @@ def patchify_normalized(
     ordered = np.ascontiguousarray(blocks.transpose(0, 3, 1, 4, 6, 2, 5)).reshape(
         gh * gw, channels, 1, patch * patch
     )
-    out = np.empty((gh * gw, channels, temporal, patch * patch), dtype=np.float32)
+    out = output_array((gh * gw, channels, temporal, patch * patch))
     # Broadcasting over the temporal axis writes both copies of a frame in the same pass.
     np.multiply(ordered, norm.scale.reshape(1, channels, 1, 1), out=out, dtype=np.float32)
     out += norm.offset.reshape(1, channels, 1, 1)

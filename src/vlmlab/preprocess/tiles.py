@@ -31,7 +31,13 @@ import numpy as np
 from vlmlab.families import idefics3 as idefics3_family
 from vlmlab.families import internvl2 as internvl2_family
 from vlmlab.preprocess.core import HF_BACKENDS, Context, Pipeline
-from vlmlab.preprocess.kernels import Normalization, Pixels, grid_tiles, normalize_tiles
+from vlmlab.preprocess.kernels import (
+    Normalization,
+    Pixels,
+    grid_tiles,
+    normalize_tiles,
+    output_array,
+)
 
 # -- InternVL2 ------------------------------------------------------------------------------------
 
@@ -127,13 +133,13 @@ def _idefics_run(
         if all(v.shape[:2] == (height, width) for v in views):
             values = normalize_tiles(views, IDEFICS_NORM, (height, width))[None]
         else:  # pragma: no cover - only the unsplit sub-tile case above; padded with zeros
-            values = np.zeros((1, len(views), 3, height, width), dtype=np.float32)
+            values = output_array((1, len(views), 3, height, width), zeros=True)
             for index, view in enumerate(views):
                 values[0, index, :, : view.shape[0], : view.shape[1]] = normalize_tiles(
                     [view], IDEFICS_NORM, view.shape[:2]
                 )[0]
     with ctx.stage("to_tensor"):
-        mask = np.zeros((1, len(views), height, width), dtype=np.int64)
+        mask = output_array((1, len(views), height, width), np.int64, zeros=True)
         for index, view in enumerate(views):
             mask[0, index, : view.shape[0], : view.shape[1]] = 1
     return {"pixel_values": values, "pixel_attention_mask": mask}
