@@ -57,7 +57,7 @@ def test_pool_ships_large_tensors_through_shared_memory_and_leaves_no_file() -> 
 
 def test_arena_writes_outputs_in_place_and_removes_what_it_does_not_ship() -> None:
     parent = os.getpid()
-    with shm.Arena(parent, SMALL) as arena:
+    with shm.Arena(f"{parent}-test", SMALL) as arena:
         big = output_array((512, 1024))  # 2 MB: in a shared-memory file
         small = output_array((4, 4))  # ordinary
         intermediate = output_array((600, 1024), zeros=True)
@@ -79,14 +79,14 @@ def test_arena_writes_outputs_in_place_and_removes_what_it_does_not_ship() -> No
 
 
 def test_arena_copies_a_large_tensor_it_did_not_allocate_and_cleans_up_after_an_error() -> None:
-    with shm.Arena(os.getpid(), SMALL) as arena:
+    with shm.Arena(f"{os.getpid()}-test", SMALL) as arena:
         pre = preprocess_bytes(jpeg(photo(64, 64)), "nano")
         plain = np.arange(300_000, dtype=np.float32)  # 1.2 MB, allocated by numpy
         pre.tensors = {"pixel_values": plain}
         result = arena.ship(pre)
     assert isinstance(result, shm.Shipped)
     np.testing.assert_array_equal(shm.receive(result).tensors["pixel_values"], plain)
-    with pytest.raises(RuntimeError), shm.Arena(os.getpid(), SMALL):
+    with pytest.raises(RuntimeError), shm.Arena(f"{os.getpid()}-test", SMALL):
         output_array((1024, 1024))
         assert len(our_files()) == 1
         raise RuntimeError("the pipeline failed")
@@ -96,7 +96,7 @@ def test_arena_copies_a_large_tensor_it_did_not_allocate_and_cleans_up_after_an_
 def test_arena_falls_back_to_ordinary_memory_when_dev_shm_lacks_room() -> None:
     stats = os.statvfs(shm.SHM_DIR)
     too_big = stats.f_blocks * stats.f_frsize * 2  # twice the whole tmpfs
-    with shm.Arena(os.getpid(), SMALL) as arena:
+    with shm.Arena(f"{os.getpid()}-test", SMALL) as arena:
         assert arena.allocate((too_big // 4,), np.dtype(np.float32)) is None  # ENOSPC, no SIGBUS
         assert our_files() == []
 
@@ -115,11 +115,59 @@ def test_sweep_removes_files_of_dead_parents_only() -> None:
             path.unlink(missing_ok=True)
 
 
+def test_pool_shutdown_removes_files_its_workers_left() -> None:
+    pool = PreprocessPool(1, share_min_bytes=SMALL)
+    leftover = shm.SHM_DIR / f"{shm.PREFIX}{pool._owner}-from-a-killed-worker"
+    other = shm.SHM_DIR / f"{shm.PREFIX}{os.getpid()}-another-pool-in-flight"
+    leftover.write_bytes(b"x")
+    other.write_bytes(b"x")
+    try:
+        pool.shutdown()
+        assert not leftover.exists() and other.exists()
+    finally:
+        leftover.unlink(missing_ok=True)
+        other.unlink(missing_ok=True)
+
+
 def test_discarded_result_leaves_no_file() -> None:
-    with shm.Arena(os.getpid(), SMALL) as arena:
+    with shm.Arena(f"{os.getpid()}-test", SMALL) as arena:
         pre = preprocess_bytes(jpeg(photo(64, 64)), "nano")
         pre.tensors = {"pixel_values": output_array((1024, 1024))}
         result = arena.ship(pre)
     assert len(our_files()) == 1
     shm.discard(result)
     assert our_files() == []
+
+
+def test_server_recovers_when_its_preprocessing_worker_is_killed() -> None:
+    """A preprocessing worker killed by the OS (out of memory, say) breaks the pool: the request
+    in flight still gets its answer (decoded in the server), the next one gets a new pool, and
+    the broken pool's shared-memory files are gone."""
+    import signal
+
+    import httpx
+    from serverutil import data_url, image_message, png_bytes, running_server
+
+    from vlmlab.config import EngineSpec, ServerSettings
+
+    settings = ServerSettings(
+        engines=(EngineSpec(model="nano", device="cpu"),), response_cache_entries=0,
+        preprocess_pool_min_bytes=0, preprocess_workers=1,
+    )  # fmt: skip
+    with running_server(settings) as server:
+        def ask(colour: str) -> httpx.Response:
+            body = {"model": "nano", "max_tokens": 2, "messages": image_message("Colour?", data_url(png_bytes(colour=colour)))}
+            return httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
+
+        assert ask("red").status_code == 200
+        pool = server.service._preprocess_pool
+        assert pool is not None
+        stale = shm.SHM_DIR / f"{shm.PREFIX}{pool._owner}-written-before-the-kill"
+        stale.write_bytes(b"x")
+        for worker in list(pool._executor._processes.values()):
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.join(timeout=30)
+        answers = [ask("blue"), ask("green")]
+        assert [a.status_code for a in answers] == [200, 200]
+        assert server.service._preprocess_pool is not pool
+        assert not stale.exists()

@@ -85,13 +85,14 @@ def _work(
     options: dict[str, Any],
     policy: MediaPolicy | None,
     share_min_bytes: int | None = None,
+    owner: str = "",
 ) -> Preprocessed | shm.Shipped:
     """The worker function (module level so it pickles by reference); tensors of at least
     ``share_min_bytes`` come back through shared memory (:mod:`vlmlab.preprocess.shm`)."""
     preprocessor = get_preprocessor(family, mode, **options)
     if share_min_bytes is None:
         return preprocessor.from_bytes(data, policy)
-    with shm.Arena(os.getppid(), share_min_bytes) as arena:
+    with shm.Arena(owner, share_min_bytes) as arena:
         return arena.ship(preprocessor.from_bytes(data, policy))
 
 
@@ -149,6 +150,7 @@ class PreprocessPool:
         self.max_workers = max_workers or available_cpus()
         self.policy = policy
         self.share_min_bytes = share_min_bytes if share_min_bytes is not None and shm.available() else None
+        self._owner = shm.owner_tag()
         if self.share_min_bytes is not None:
             shm.sweep()  # files of pools whose process was killed before it read them
         self._executor = ProcessPoolExecutor(
@@ -176,7 +178,7 @@ class PreprocessPool:
         options = dict(options or {})
         get_preprocessor(family, mode, **dict(options))
         inner = self._executor.submit(
-            _work, bytes(data), family, mode, options, self.policy, self.share_min_bytes
+            _work, bytes(data), family, mode, options, self.policy, self.share_min_bytes, self._owner
         )
         outer: Future[Preprocessed] = Future()
         outer.add_done_callback(lambda done: done.cancelled() and inner.cancel())
@@ -196,6 +198,7 @@ class PreprocessPool:
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop the workers (after finishing queued work unless ``cancel_futures``)."""
         self._executor.shutdown(wait=wait, cancel_futures=cancel_futures)
+        shm.remove_owned(self._owner)  # results of workers that died after writing them
 
     def __enter__(self) -> PreprocessPool:
         return self

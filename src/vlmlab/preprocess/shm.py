@@ -14,7 +14,8 @@ allocated there (a pipeline path without ``output_array``) is copied into a file
 Space is reserved before use (``posix_fallocate``): a tmpfs too small (Docker's default
 ``/dev/shm`` is 64 MB) fails there with ``OSError`` and the array is an ordinary one that goes
 through the pipe, instead of a SIGBUS on a page the file system cannot supply. File names carry
-the parent's pid; :func:`sweep` removes files whose parent is gone (killed before it read them).
+the parent's pid and its pool's token: a pool's shutdown removes its own leftovers (a worker killed
+after writing), and :func:`sweep` those of parents that are gone (killed before they read them).
 """
 
 from __future__ import annotations
@@ -70,11 +71,12 @@ def available() -> bool:
 class Arena:
     """In a worker, around one pipeline run: large output arrays live in shared-memory files.
 
-    ``with Arena(parent) as arena: result = arena.ship(run())``; files that the shipped result
-    does not reference (an intermediate, a failed run) are removed on exit."""
+    ``with Arena(owner) as arena: result = arena.ship(run())``; ``owner`` is
+    ``"<parent pid>-<pool token>"`` (:func:`owner_tag`). Files that the shipped result does not
+    reference (an intermediate, a failed run) are removed on exit."""
 
-    def __init__(self, parent: int, min_bytes: int = MIN_BYTES):
-        self.parent, self.min_bytes = parent, min_bytes
+    def __init__(self, owner: str, min_bytes: int = MIN_BYTES):
+        self.owner, self.min_bytes = owner, min_bytes
         self._files: dict[int, tuple[str, int]] = {}  # buffer address -> (path, bytes)
         self._paths: list[str] = []  # every file made, for the clean-up
         self._kept: set[str] = set()
@@ -96,7 +98,7 @@ class Arena:
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         if nbytes < self.min_bytes or not available():
             return None
-        path = str(SHM_DIR / f"{PREFIX}{self.parent}-{uuid.uuid4().hex}")
+        path = str(SHM_DIR / f"{PREFIX}{self.owner}-{uuid.uuid4().hex}")
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError:
@@ -167,6 +169,18 @@ def discard(result: Preprocessed | Shipped | None) -> None:
     if isinstance(result, Shipped):
         for where in result.shared.values():
             _remove(where.path)
+
+
+def owner_tag() -> str:
+    """A new pool's owner tag: this process's pid and a random token."""
+    return f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def remove_owned(owner: str) -> int:
+    """Remove the files of ``owner`` still in the shared-memory directory; returns how many."""
+    if not SHM_DIR.is_dir():
+        return 0
+    return sum(_remove(str(path)) for path in SHM_DIR.glob(f"{PREFIX}{owner}-*"))
 
 
 def sweep() -> int:

@@ -175,7 +175,9 @@ class ChatService:
             except BrokenProcessPool:  # a worker died (killed, out of memory): decode here
                 logger.warning("the preprocessing process pool broke; starting a new one for the next image")
                 with self._pool_lock:
-                    self._preprocess_pool = None
+                    if self._preprocess_pool is pool:
+                        self._preprocess_pool = None
+                pool.shutdown(wait=False)  # also removes results its workers left in shared memory
                 pre = None
             if pre is not None:
                 for stage, seconds in pre.stages.items():
