@@ -12,15 +12,12 @@ import sys
 
 import numpy as np
 import pytest
+from test_preprocess_fast import jpeg, photo
 
 from vlmlab.preprocess import PreprocessPool, preprocess_bytes, shm
 from vlmlab.preprocess.kernels import output_array
 
 pytestmark = pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")
-
-sys.path.insert(0, os.path.dirname(__file__))
-from test_preprocess_fast import jpeg, photo
-
 
 SMALL = 1 << 20  # tensors from 1 MB on are shared here, so that small test images use the path
 
