@@ -168,3 +168,27 @@ def test_server_recovers_when_its_preprocessing_worker_is_killed() -> None:
         assert [a.status_code for a in answers] == [200, 200]
         assert server.service._preprocess_pool is not pool
         assert not stale.exists()
+
+
+def test_a_cancelled_request_leaves_no_file() -> None:
+    """Cancelling (a client gone) before the worker starts drops the job; after it has started,
+    the shipped result is discarded on arrival."""
+    import asyncio
+
+    data = jpeg(photo(1500, 600, 8))
+    with PreprocessPool(1, share_min_bytes=SMALL) as pool:
+        running = pool.submit(data, "llava_onevision")  # occupies the worker
+        queued = pool.submit(data, "llava_onevision")
+        assert queued.cancel()
+
+        async def cancelled_while_running() -> None:
+            task = asyncio.ensure_future(pool.run(data, "llava_onevision"))
+            await asyncio.sleep(0.5)  # the worker is on it by now (or still on the first job)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(cancelled_while_running())
+        running.result(timeout=120)
+        pool.submit(data, "nano").result(timeout=120)  # the worker has finished all before it
+        assert our_files() == []  # before the pool's shutdown, which would remove leftovers
