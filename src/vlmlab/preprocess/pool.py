@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future, InvalidStateError, ProcessPoolExecutor
-from typing import Any
+from typing import Any, Self
 
 from vlmlab.media import MediaPolicy
 from vlmlab.preprocess import shm
@@ -200,7 +200,7 @@ class PreprocessPool:
         self._executor.shutdown(wait=wait, cancel_futures=cancel_futures)
         shm.remove_owned(self._owner)  # results of workers that died after writing them
 
-    def __enter__(self) -> PreprocessPool:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
