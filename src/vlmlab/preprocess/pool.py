@@ -106,18 +106,18 @@ def _chain(inner: Future[Any], outer: Future[Preprocessed]) -> None:
     if outer.cancelled():  # nobody will read it
         shm.discard(result)
         return
+    if error is None:
+        try:
+            result = shm.receive(result)
+        except OSError as exc:  # the file vanished (removed by hand, another sweep)
+            error = exc
     try:
-        if error is None:
-            try:
-                received = shm.receive(result)
-            except OSError as exc:  # the file vanished (removed by hand, another sweep)
-                error = exc
         if error is not None:
             outer.set_exception(error)
         else:
-            outer.set_result(received)
-    except InvalidStateError:  # cancelled meanwhile
-        pass
+            outer.set_result(result)
+    except InvalidStateError:
+        return  # cancelled meanwhile: the mapped arrays go with the result
 
 
 class PreprocessPool:
