@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
-from contextvars import ContextVar, Token
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -67,13 +68,15 @@ OutputAllocator = Callable[[tuple[int, ...], np.dtype], "np.ndarray | None"]
 _OUTPUT_ALLOCATOR: ContextVar[OutputAllocator | None] = ContextVar("vlmlab_output_allocator", default=None)
 
 
-def use_output_allocator(allocator: OutputAllocator | None, token: Token | None = None) -> Token:
-    """Route :func:`output_array` to ``allocator`` (a preprocessing worker's shared memory,
-    :class:`vlmlab.preprocess.shm.Arena`); with ``token`` restore what was before it."""
-    if token is not None:
+@contextmanager
+def outputs_from(allocator: OutputAllocator) -> Iterator[None]:
+    """Within the block, :func:`output_array` asks ``allocator`` first (a preprocessing
+    worker's shared memory, :class:`vlmlab.preprocess.shm.Arena`)."""
+    token = _OUTPUT_ALLOCATOR.set(allocator)
+    try:
+        yield
+    finally:
         _OUTPUT_ALLOCATOR.reset(token)
-        return token
-    return _OUTPUT_ALLOCATOR.set(allocator)
 
 
 def output_array(shape: tuple[int, ...], dtype: Any = np.float32, *, zeros: bool = False) -> np.ndarray:

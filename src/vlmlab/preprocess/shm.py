@@ -31,7 +31,7 @@ from typing import Self
 import numpy as np
 
 from vlmlab.preprocess.core import Preprocessed
-from vlmlab.preprocess.kernels import use_output_allocator
+from vlmlab.preprocess.kernels import outputs_from
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "vlmlab-pre-"
@@ -80,14 +80,14 @@ class Arena:
         self._files: dict[int, tuple[str, int]] = {}  # buffer address -> (path, bytes)
         self._paths: list[str] = []  # every file made, for the clean-up
         self._kept: set[str] = set()
-        self._token = None
+        self._routing = outputs_from(self.allocate)
 
     def __enter__(self) -> Self:
-        self._token = use_output_allocator(self.allocate)
+        self._routing.__enter__()
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
-        use_output_allocator(None, self._token)
+        self._routing.__exit__(kind, error, tb)
         for path in self._paths:
             if path not in self._kept:
                 _remove(path)
@@ -95,7 +95,8 @@ class Arena:
     def allocate(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
         """A new array in a shared-memory file (zero-filled), or None when it is small or there
         is no room (the caller then allocates an ordinary one)."""
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        count = int(np.prod(shape, dtype=np.int64))
+        nbytes = count * np.dtype(dtype).itemsize
         if nbytes < self.min_bytes or not available():
             return None
         path = str(SHM_DIR / f"{PREFIX}{self.owner}-{uuid.uuid4().hex}")
@@ -113,7 +114,7 @@ class Arena:
             return None
         finally:
             os.close(fd)
-        array = np.frombuffer(mapped, dtype, int(np.prod(shape, dtype=np.int64))).reshape(shape)
+        array = np.frombuffer(mapped, dtype, count).reshape(shape)
         self._files[array.ctypes.data] = (path, nbytes)
         return array
 
@@ -157,8 +158,7 @@ def receive(result: Preprocessed | Shipped) -> Preprocessed:
                 mapped = mmap.mmap(fd, where.nbytes)
             finally:
                 os.close(fd)
-            count = int(np.prod(where.shape, dtype=np.int64))
-            tensors[name] = np.frombuffer(mapped, where.dtype, count).reshape(where.shape)
+            tensors[name] = np.frombuffer(mapped, where.dtype).reshape(where.shape)
     finally:
         discard(result)  # the rest, when one failed
     return replace(result.pre, tensors={name: tensors[name] for name in result.order})
