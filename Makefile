@@ -1,13 +1,15 @@
 # Two entry points for a fresh machine: `make run` (the main job) and `make test`.
-# Both create .venv, install the torch pin from requirements/torch.txt first (an unpinned torch
-# can pull a different multi-GB build; transformers' PixtralProcessor needs a torchvision that
-# imports beside it), then the package with its extras.
+# Both create .venv from requirements/lock.txt: every package (the extras hf, server and test, and
+# the torch + torchvision pin of requirements/torch.txt) at the version CI tested, checked against
+# the lock's hashes. Then vlmlab itself, editable, with no dependency resolution of its own.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements/lock.txt
+LATEST ?= .venv-latest
 
-.PHONY: run test install lint clean chromium
+.PHONY: run test install lock test-latest lint clean chromium
 
 run: $(STAMP)
 	$(BIN)/vlmlab serve
@@ -16,18 +18,37 @@ test: $(STAMP) chromium
 	$(BIN)/lint-imports
 	$(BIN)/pytest -q
 
-# HTML reports are checked in headless Chromium (Debian's package).
+# HTML reports and pages are checked in headless Chromium (Debian's package).
 chromium:
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/torch.txt
+# --no-build-isolation: the editable install builds with the lock's setuptools, not whatever
+# setuptools is newest today.
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -r requirements/torch.txt
-	$(BIN)/pip install -q -e ".[hf,server,test]"
+	$(BIN)/pip install -q --require-hashes -r $(LOCK)
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# Re-resolve the lock and the optional extras' constraint files (scripts/lock.py says how);
+# `make lock UPGRADE=1` moves every package to its newest release.
+lock: $(STAMP)
+	$(BIN)/python scripts/lock.py $(if $(UPGRADE),--upgrade)
+
+# The suite on the newest releases of everything, in a separate venv: drift shows up here first,
+# while `make test` keeps installing the lock. (On this project's machines pip is capped at the
+# torch release that lies on disk.)
+test-latest: chromium
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q --upgrade pip
+	$(LATEST)/bin/pip install -q --upgrade torch torchvision
+	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[hf,server,test]"
+	$(LATEST)/bin/pip freeze --exclude-editable > $(LATEST)/freeze.txt
+	$(LATEST)/bin/lint-imports
+	$(LATEST)/bin/pytest -q -p no:cacheprovider
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LATEST)

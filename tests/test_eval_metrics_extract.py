@@ -21,6 +21,7 @@ from vlmlab.eval.metrics import (
     parse_open_response,
     score,
 )
+from vlmlab.eval.metrics.mcq import vlmevalkit_can_infer
 from vlmlab.protocol.errors import BadRequestError, ConfigError
 
 ANIMALS = ["cat", "bird", "fish", "mouse"]  # options A-D; note D's text is not "dog"
@@ -28,29 +29,81 @@ ANIMALS = ["cat", "bird", "fish", "mouse"]  # options A-D; note D's text is not 
 # ----------------------------------------------------------------------------- MCQ extraction
 
 
+# Expected values below are what VLMEvalKit's ``can_infer`` (matching_util.py at e8e78f05) returns
+# for the same reply and option texts ("Z"/False shown as the value ``extract_mcq`` reports).
 @pytest.mark.parametrize(
     ("reply", "expected"),
     [
-        # PR #1552: "answer is" + any letter, no boundary after it.
+        # PR #1552: "answer is" + a letter A-D in any case, no boundary after it.
         ("The answer is dog", "D"),
         ("The answer is approximately 3.14", "A"),
-        ("answer: a cat", "A"),
+        ("The answer is a bird", "A"),  # the article "a" after "answer is" reads as A
+        ("The answer is E", None),  # E is no option; the pattern only knows A-D anyway
+        ("answer: a cat", "A"),  # no "answer is": the option text "cat" decides
         ("The answer is probably B", "B"),  # "P" is no option: the token rule finds B
-        ("<answer>c</answer>", "C"),
-        ("\\boxed{B}", "B"),
+        ("<answer>c</answer>", None),  # no XML rule; "<answer>c<" is one token
+        ("'B'", None),  # quotes are not stripped, so no "B" token
+        ("\\boxed{B}", "B"),  # braces are stripped: "B" is a token
         ("**Final Answer: B**", "B"),
+        ("**B**", "B"),
         ("B", "B"),
         ("(C) fish", "C"),
         ("A cat", "A"),  # the lone token "A" counts as the option letter
+        ("I would choose B here", "B"),  # the letter is among the last four tokens
+        ("B is what I would choose here", None),  # ... not here, and no option text
         ("mouse", "D"),  # exactly one option text contained
+        ("the fish", "C"),
         ("a bird or a fish", None),  # two option texts, no letter token
+        ("I am quite sure that the right one here is the fish", None),  # reply > 2 x texts
         ("B or C", None),  # two letter tokens
+        ("Either B or C, the bird", "B"),  # two letters: the option text decides
+        ("The answer is B, not C", "B"),  # two letters: "answer is" decides
         ("Cannot determine the answer", None),  # refusal (VLMEvalKit's Z) is unparsed here
         ("", None),
     ],
 )
 def test_vlmevalkit_matcher(reply: str, expected: str | None) -> None:
     assert extract_mcq(reply, ANIMALS, "vlmevalkit") == expected
+
+
+DOGS = ["dog", "bird", "fish", "mouse"]  # like ANIMALS without "cat"
+
+
+@pytest.mark.parametrize(
+    ("reply", "choices", "plain", "verbose"),
+    [
+        # More than three tokens with an "A": by default the letter still counts when it is
+        # among the last four tokens; under VERBOSE only the option texts can decide.
+        ("A cat is sitting on the mat", ANIMALS, "A", "A"),  # early "A" ignored; text "cat"
+        ("A cat is sitting on the mat", DOGS, None, None),  # ... and no text matches
+        ("A bird is sitting on the mat", ANIMALS, "B", "B"),  # the text, not the article
+        ("On the mat sits A bird", ANIMALS, "A", "B"),
+        ("On the mat sits A dog", ANIMALS, "A", None),
+        ("I pick A here", ANIMALS, "A", None),  # four tokens
+        ("I pick A, a bird", ANIMALS, "A", "B"),
+        # Three tokens or fewer: "A" is the letter either way.
+        ("A cat", DOGS, "A", "A"),
+        ("It is A", ANIMALS, "A", "A"),
+        ("Is it A?", ANIMALS, None, None),  # "?" is not stripped: "A?" is no letter
+        # A lowercase "a" is never a letter token.
+        ("a cat", DOGS, None, None),
+        ("I think it is a bird", ANIMALS, "B", "B"),
+        # Refusals and "Z".
+        ("Cannot determine the answer", ANIMALS, "Z", "Z"),
+        ("Sorry, I can't help with images of people yet.", ANIMALS, "Z", "Z"),
+        ("Cannot determine the answer, so B", ANIMALS, "Z", "Z"),  # the refusal comes first
+        ("Z", ANIMALS, "Z", "Z"),  # a "Z" token when no letter is found
+        ("Z or A", ANIMALS, "A", "A"),
+        ("Z or B or C", ANIMALS, None, None),  # two letters: no "Z" either
+        ("Failed to obtain answer via API, B", ANIMALS, None, None),  # letters not looked at
+        ("Failed to obtain answer via API", ["obtain answer", "dog"], "A", "A"),  # text only
+    ],
+)
+def test_vlmevalkit_can_infer_article_refusal_and_text_fallback(
+    reply: str, choices: list[str], plain: str | None, verbose: str | None
+) -> None:
+    assert vlmevalkit_can_infer(reply, choices) == plain
+    assert vlmevalkit_can_infer(reply, choices, verbose=True) == verbose
 
 
 @pytest.mark.parametrize(

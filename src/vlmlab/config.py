@@ -7,6 +7,7 @@ into these objects and library code only ever sees the objects.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from importlib import resources
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -135,7 +136,8 @@ class ServerSettings:
 _ENGINE_KEYS = {f for f in EngineSpec.__dataclass_fields__}
 _SERVER_KEYS = {f for f in ServerSettings.__dataclass_fields__} - {"engines"}
 _BYTE_KEYS = {"preprocess_cache_bytes", "max_image_bytes", "preprocess_pool_min_bytes"}
-PRESET_DIR = Path(__file__).resolve().parent / "configs"
+# Shipped presets, found through importlib.resources so an installed wheel has them too.
+PRESET_DIR = Path(str(resources.files("vlmlab") / "configs"))
 
 
 def preset_names() -> list[str]:

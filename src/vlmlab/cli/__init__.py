@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -26,6 +26,31 @@ app = typer.Typer(
 # Piped output (CI logs, `| less`) gets a wide table rather than rich's 80-column default.
 console = Console(width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+
+def print_version(requested: bool) -> None:
+    """``--version`` / ``-V``: print ``vlmlab <version>`` and exit 0 (eager: before any command)."""
+    if requested:
+        from vlmlab.envreport import vlmlab_version
+
+        typer.echo(f"vlmlab {vlmlab_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            "-V",
+            callback=print_version,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """Serve, evaluate, benchmark, compare and plan vision-language models."""
 
 
 def parse_options(pairs: list[str] | None) -> dict[str, str]:
@@ -93,4 +118,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # The subcommands register themselves on `app` (imported last: they import `app` from here).
-from vlmlab.cli import models, running, analysis  # noqa: E402,F401,I001 (this order is the --help order)
+from vlmlab.cli import models, running, analysis, environment  # noqa: E402,F401,I001 (this order is the --help order)

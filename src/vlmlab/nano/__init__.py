@@ -6,6 +6,7 @@ Importing this package is cheap: torch and transformers are imported only by ``b
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 
@@ -15,4 +16,5 @@ def checkpoint_path() -> Path:
     Outputs: the path; it may lack weights in a source tree where no checkpoint was exported yet
     (``(path / "config.json").exists()`` tells).
     """
-    return Path(__file__).resolve().parent / "checkpoint"
+    # importlib.resources, not the source tree: the same call finds it in an installed wheel.
+    return Path(str(resources.files(__name__) / "checkpoint"))

@@ -17,14 +17,21 @@ Rule per mode (spec ``/work/shared/specs/eval.md`` §a.2, §c.15):
   matched, **any occurrence of the capital letter** (``"Choose the option"`` -> C, ``"Answer: (c)
   rabbit"`` -> A); highest priority then latest position wins. Letters A-H are searched (its
   default); more when a question has more options.
-- ``vlmevalkit``: ``vlmeval/utils/matching_util.py::can_infer`` at the spec snapshot, including
-  PR #1552's patterns: ``<answer>X</answer>``, ``\\boxed{X}``, a case-insensitive
-  ``answer is|: X`` with no boundary after X (``"The answer is dog"`` -> D, ``"The answer is
-  approximately 3.14"`` -> A), "Final Answer"/"Final output"/"Output" and bold ``**X**`` forms;
-  then exactly one option letter among the whitespace tokens (after removing ``.()[],:;!*#{}"'<>``);
-  then exactly one option text contained in the reply (case-insensitive). A refusal (``Z``) and
-  no match are None here. (One stored revision of ``matching_util.py`` has the same patterns with
-  a whitespace-or-end boundary after the first one; the spec's snapshot has none, as here.)
+- ``vlmevalkit``: ``vlmeval/utils/matching_util.py::can_infer`` at open-compass/VLMEvalKit
+  ``e8e78f05f3080fe28154f2130321f17951c3be94`` (2026-08-18, the spec snapshot; the file last
+  changed in ``2cf2a36c``, 2026-06-25). A reply containing "Failed to obtain answer via API" goes
+  straight to the text rule; one containing a refusal sentence is ``Z``. Otherwise ``.()[],:;!*#{}``
+  become spaces and the whitespace tokens are searched for option letters: exactly one letter
+  present counts only if its first occurrence is among the last four tokens (``"A cat"`` -> A,
+  ``"A cat is sitting on the mat"`` -> not from the letter); no letter but a ``Z`` token is ``Z``.
+  Then PR #1552's case-insensitive ``(correct) answer is **X**`` for X in A-D, first match only,
+  with no boundary after X (``"The answer is dog"`` -> D, ``"... is approximately 3.14"`` -> A).
+  Last, the text rule: unless the lower-cased reply is longer than twice the summed length of the
+  option texts, exactly one option text contained in it (case-insensitive). With VLMEvalKit's
+  ``VERBOSE`` environment variable set (any non-empty value; nothing in VLMEvalKit sets it), a
+  single letter found among more than three tokens one of which is ``A`` is read as a possible
+  article: the letter rules stop and only the text rule decides (``verbose=True`` here). A refusal
+  (``Z``) and no match are None in :func:`extract_mcq`.
 - ``mistral`` / ``mistral-explicit``: mistral-evals compares the first character of the
   (extracted, see :mod:`.mistral`) answer with the gold letter; we return that character
   upper-cased if it is an option letter. ``mistral-anywhere`` needs the gold answer, so it is only
@@ -164,58 +171,69 @@ _REFUSALS = (
     "I can't process this file.",
     "I'm sorry, but without the image provided",
     "Cannot determine the answer",
-)  # matching_util.py reject_to_answer
-_XML = re.compile(r"<answer>\s*([A-Z])\s*</answer>", re.IGNORECASE)
-_BOXED = re.compile(r"\\boxed\s*\{\s*([A-Z])\s*\}", re.IGNORECASE)
-_END = r"(?:\s|$|\.|\,)"
-# PR #1552's answer patterns, tried in order with IGNORECASE | MULTILINE; only the first match of
-# each pattern is looked at. The first has no boundary after the letter (spec §c.15).
-_PATTERNS = [
-    re.compile(p, re.IGNORECASE | re.MULTILINE)
-    for p in (
-        r"(?:(?:The|the)?\s*(?:correct|best|final)?\s*answer\s*(?:is|:)\s*)([A-Z])",
-        r"(?:Final\s+Answer\s*:\s*\**)([A-Z])(?:\**)" + _END,
-        r"\*\*Final\s+Answer\s*:\s*([A-Z])\*\*",
-        r"(?:✅\s*)?Final\s+output\s*:\s*\**([A-Z])\**" + _END,
-        r"#{1,3}\s*Final\s+Output\s*:\s*\**([A-Z])\**" + _END,
-        r"(?:^|\s)Output\s*:\s*\**([A-Z])\**" + _END,
-        r"\*\*([A-Z])\*\*\s*$",
-        r"\*\*([A-Z])\*\*",
-    )
-]
-_SPLIT_CHARS = ".()[],:;!*#{}\"'<>"
+)  # matching_util.py can_infer_option: reject_to_answer
+_SPLIT_CHARS = ".()[],:;!*#{}"  # replaced by spaces before tokenising; quotes and <> stay
+# PR #1552 (_VERBOSE_ANSWER_RE): letters A-D only, any case, nothing required after the letter.
+_ANSWER_IS = re.compile(r"(?:correct\s+)?answer\s+is\s+\**([ABCD])\**", re.IGNORECASE)
 
 
-def _vlmevalkit_option(answer: str, letters: Sequence[str]) -> str | None:
-    """``can_infer_option``; ``"Z"`` for a refusal or a lone ``Z`` token."""
+def _vlmevalkit_option(answer: str, letters: Sequence[str], verbose: bool = False) -> str | None:
+    """``can_infer_option``: a letter, ``"Z"`` (refusal or a lone ``Z`` token) or None."""
     if "Failed to obtain answer via API" in answer:
         return None
     if any(refusal in answer for refusal in _REFUSALS):
         return "Z"
-    for pattern in (_XML, _BOXED, *_PATTERNS):
-        match = pattern.search(answer)
-        if match and match.group(1).upper() in letters:
-            return match.group(1).upper()
+    spaced = answer
     for char in _SPLIT_CHARS:
-        answer = answer.replace(char, " ")
-    tokens = answer.split()
+        spaced = spaced.replace(char, " ")
+    tokens = spaced.split()
     present = [letter for letter in letters if letter in tokens]
     if len(present) == 1:
-        return present[0]
-    if not present and "Z" in tokens:
+        if verbose and "A" in tokens and len(tokens) > 3:
+            # Under VERBOSE the reference gives up here ("A" may be the article), skipping the
+            # "answer is" pattern below; only the option texts can still decide.
+            return None
+        # PR #1175: only a letter whose first occurrence is among the last four tokens counts.
+        if tokens.index(present[0]) > len(tokens) - 5:
+            return present[0]
+    elif not present and "Z" in tokens:
         return "Z"
+    match = _ANSWER_IS.search(answer)
+    if match and match.group(1).upper() in letters:
+        return match.group(1).upper()
     return None
 
 
-def vlmevalkit_can_infer(answer: str, choices: Sequence[str]) -> str | None:
-    """VLMEvalKit ``can_infer(answer, choices)``: letter, ``"Z"`` (refusal) or None."""
-    letters = option_letters(len(choices))
-    option = _vlmevalkit_option(str(answer), letters)
-    if option:
-        return option
-    lowered = str(answer).lower()
-    hits = [letter for letter, text in zip(letters, choices) if str(text).lower() in lowered]
+def _vlmevalkit_text(answer: str, choices: Sequence[str]) -> str | None:
+    """``can_infer_text``: the one option whose text the reply contains, ignoring case."""
+    lowered = answer.lower()
+    texts = [str(text) for text in choices]
+    # The reference measures the lower-cased reply against the option texts as given.
+    if len(lowered) > 2 * sum(len(text) for text in texts):
+        return None
+    letters = option_letters(len(texts))
+    hits = [letter for letter, text in zip(letters, texts) if text.lower() in lowered]
     return hits[0] if len(hits) == 1 else None
+
+
+def vlmevalkit_can_infer(
+    answer: str, choices: Sequence[str], *, verbose: bool = False
+) -> str | None:
+    """VLMEvalKit ``can_infer(answer, choices)``: letter, ``"Z"`` (refusal) or None.
+
+    Args:
+        answer: the model reply (anything; it is passed through ``str`` like the reference does).
+        choices: the option texts for A, B, C, ...
+        verbose: behave as VLMEvalKit does with its ``VERBOSE`` environment variable set: a lone
+            letter among more than three tokens, one of them ``A``, is not read as a letter.
+
+    Returns:
+        The option letter, ``"Z"`` for a refusal or a lone ``Z`` token, or None (the reference's
+        ``False``).
+    """
+    answer = str(answer)
+    letters = option_letters(len(choices))
+    return _vlmevalkit_option(answer, letters, verbose) or _vlmevalkit_text(answer, choices)
 
 
 # ----------------------------------------------------------------------------- mistral
