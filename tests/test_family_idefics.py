@@ -204,11 +204,7 @@ def test_idefics3_prompt_expansion(size: tuple[int, int], split: bool) -> None:
     assert llama3 == layout.tokens
     assert tokens["<image>"] == layout.vision_embedding_positions
     assert tokens["\n\n"] == (1 if split else 0)  # the merged row / global newline
-    # transformers' own counter assumes single-token tags: it matches the structure only.
-    counted = processor._get_num_multimodal_tokens(
-        image_sizes=[[size[1], size[0]]], do_image_splitting=split
-    )
-    assert counted.num_image_tokens == [single_token_tags]
+    assert out["pixel_values"].shape[1] == layout.views
 
 
 def test_idefics3_spec_examples() -> None:

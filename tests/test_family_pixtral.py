@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import random
-from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -56,15 +55,21 @@ def random_sizes(n: int, seed: int) -> list[tuple[int, int]]:
 
 
 def test_image_tokens_equal_mistral_common_image_encoder(tekken: MistralTokenizer) -> None:
+    """Real images through mistral_common's public ImageEncoder: its token list and the
+    resized image it returns are what the family's layout must equal."""
     encoder = tekken.instruct_tokenizer.image_encoder
     assert (encoder.image_config.image_patch_size, encoder.image_config.max_image_size) == (16, 1024)
-    for w, h in THRESHOLDS + random_sizes(600, seed=1):
-        # _image_to_num_tokens reads only .size, so no giant image has to be allocated.
-        cols, rows = encoder._image_to_num_tokens(SimpleNamespace(size=(w, h)))
+    special = tekken.instruct_tokenizer.tokenizer
+    img, img_break = special.get_control_token("[IMG]"), special.get_control_token("[IMG_BREAK]")
+    for w, h in THRESHOLDS + random_sizes(300, seed=1):
+        encoding = encoder(ImageChunk(image=Image.new("RGB", (w, h))))
         layout = FAMILY.image_layout(w, h)
-        assert layout.tokens == rows * (cols + 1), (w, h)
-        assert layout.grid == (rows, cols) and layout.resized == (16 * cols, 16 * rows)
-        assert layout.vision_embedding_positions == rows * cols
+        rows = encoding.tokens.count(img_break) + 1  # the last row ends with [IMG_END]
+        cols = encoding.tokens.count(img) // rows
+        assert layout.tokens == len(encoding.tokens), (w, h)
+        assert layout.vision_embedding_positions == encoding.tokens.count(img) == rows * cols
+        assert layout.grid == (rows, cols), (w, h)
+        assert layout.resized == (encoding.image.shape[2], encoding.image.shape[1]), (w, h)
 
 
 def test_spec_examples() -> None:

@@ -3,7 +3,8 @@
 References run here, offline, built with the checkpoints' preprocessor_config.json values
 (min_pixels 3136, max_pixels 12845056):
 * transformers ``Qwen2VLImageProcessor`` / ``Qwen2VLProcessor`` / ``Qwen2_5_VLProcessor``
-  (``_get_num_multimodal_tokens`` for the bulk sweep, full ``__call__`` on a handful of images
+  (the image processor's public ``get_number_of_image_patches`` for the bulk sweep, full
+  ``__call__`` on a handful of images
   with a minimal tokenizer that holds the real special tokens);
 * qwen-vl-utils 0.0.14 ``smart_resize`` / ``fetch_image`` followed by the HF processor, the
   model cards' pipeline (``variant="qwen_vl_utils"``).
@@ -164,8 +165,11 @@ def test_matches_transformers_processor(tokenizer, name: str, options: dict) -> 
     sizes = sweep_sizes()
     assert len(sizes) >= 200
     accepted = [(w, h) for w, h in sizes if max(w, h) / min(w, h) <= 200]
-    reference = processor._get_num_multimodal_tokens(image_sizes=[(h, w) for w, h in accepted])
-    for (w, h), pads in zip(accepted, reference["num_image_tokens"], strict=True):
+    # The image processor's public patch count (what its pixel_values would hold), merged 2x2.
+    image_processor = processor.image_processor
+    merge = image_processor.merge_size**2
+    for w, h in accepted:
+        pads = image_processor.get_number_of_image_patches(h, w, {}) // merge
         layout = family.image_layout(w, h, **options)
         ref_h, ref_w = hf_smart_resize(h, w, factor=28, min_pixels=min_px, max_pixels=max_px)
         assert layout.tokens == pads + 2, (w, h)
