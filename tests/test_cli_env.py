@@ -207,3 +207,28 @@ def test_no_browser_on_path_says_not_found(tmp_path: Path, monkeypatch: pytest.M
     report = env_report()
     assert report["chromium"] == {"browser": "not found"}
     assert report["cuda"]["nvidia_smi"] == "not found"
+
+
+@pytest.mark.parametrize(
+    ("blocked", "command", "extra"),
+    [
+        ("uvicorn", ["serve", "--port", "1"], "server"),
+        ("torch", ["chat", "--image", "red_square.png", "What colour?"], "hf"),
+        ("transformers", ["chat", "--image", "red_square.png", "What colour?"], "hf"),
+    ],
+)
+def test_missing_extra_names_the_fix(blocked: str, command: list[str], extra: str) -> None:
+    """A wheel installed without its extras: the command names the extra, no traceback. The
+    library is made unimportable in the child (None in sys.modules), as if not installed."""
+    samples = Path(__file__).resolve().parent.parent / "src" / "vlmlab" / "nano" / "samples"
+    code = (
+        f"import sys; sys.modules[{blocked!r}] = None\n"
+        f"from vlmlab.cli import main; main({command!r})"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=samples
+    )
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert f"{blocked} is not installed" in out.stderr
+    assert f"pip install 'vlmlab[{extra}]'" in " ".join(out.stderr.split())

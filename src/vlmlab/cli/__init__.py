@@ -105,15 +105,45 @@ def image_sizes(images: list[str]) -> list[tuple[int, int]]:
     return sizes
 
 
+# A library that a command imports lazily -> the extra that installs it (pyproject.toml).
+EXTRA_OF_MODULE = {
+    **dict.fromkeys(["torch", "torchvision", "transformers", "tokenizers", "accelerate"], "hf"),
+    "safetensors": "hf",
+    **dict.fromkeys(["fastapi", "uvicorn", "starlette", "prometheus_client"], "server"),
+    "vllm": "vllm",
+    **dict.fromkeys(["mlx", "mlx_vlm"], "mlx"),
+    **dict.fromkeys(["torchao", "bitsandbytes"], "quant"),
+}
+
+
+def missing_extra_message(exc: ModuleNotFoundError) -> str | None:
+    """The fix for a missing optional library (a wheel installed without its extras), or None."""
+    module = (exc.name or "").partition(".")[0]
+    extra = EXTRA_OF_MODULE.get(module)
+    if extra is None:
+        return None
+    return (
+        f"{module} is not installed; this command needs vlmlab's '{extra}' extra: "
+        f"pip install 'vlmlab[{extra}]' (or the versions CI tested, from a checkout: "
+        "pip install --require-hashes -r requirements/lock.txt)"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from rich.markup import escape  # messages name extras like 'vlmlab[vllm]'
+
     try:
         app(args=argv)
     except VlmlabError as exc:
-        from rich.markup import escape  # messages name extras like 'vlmlab[vllm]'
-
         err_console.print(f"[bold red]error:[/bold red] {escape(exc.message)}", highlight=False)
+        sys.exit(2)
+    except ModuleNotFoundError as exc:
+        message = missing_extra_message(exc)
+        if message is None:
+            raise
+        err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False)
         sys.exit(2)
 
 
