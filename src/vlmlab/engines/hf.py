@@ -475,6 +475,8 @@ class HFEngine(Engine):
         start = time.perf_counter()
         inputs = prepared.inputs
         pixels, sizes = inputs.pop("pixel_values"), inputs.pop("image_sizes", None)
+        # The processor's tensors are on the CPU; the tower is wherever the model is (CUDA, MPS).
+        pixels = pixels.to(self.device)
 
         def encode(index: slice) -> list[Any]:
             with torch.inference_mode():
