@@ -60,7 +60,7 @@ def test_image_tokens_equal_mistral_common_image_encoder(tekken: MistralTokenize
     encoder = tekken.instruct_tokenizer.image_encoder
     assert (encoder.image_config.image_patch_size, encoder.image_config.max_image_size) == (16, 1024)
     special = tekken.instruct_tokenizer.tokenizer
-    img, img_break = special.get_control_token("[IMG]"), special.get_control_token("[IMG_BREAK]")
+    img, img_break = special.get_special_token("[IMG]"), special.get_special_token("[IMG_BREAK]")
     for w, h in THRESHOLDS + random_sizes(300, seed=1):
         encoding = encoder(ImageChunk(image=Image.new("RGB", (w, h))))
         layout = FAMILY.image_layout(w, h)
