@@ -274,6 +274,17 @@ def test_load_errors_name_the_problem(tmp_path: Path) -> None:
         load_engine(EngineSpec(model=str(broken)))
 
 
+def test_nano_refuses_a_transformers_too_old_for_it() -> None:
+    """transformers 5.17 loads nano's weights but answers wrongly (0.0 on synth): the check that
+    load runs first refuses it with the fix. The installed release (the lock's) passes it."""
+    from vlmlab.engines.hf import check_nano_transformers
+
+    check_nano_transformers()
+    check_nano_transformers("5.18.0")
+    with pytest.raises(ConfigError, match=r"transformers>=5\.18 \(installed: 5\.17\.0"):
+        check_nano_transformers("5.17.0")
+
+
 def test_vlmlab_preprocessing_equals_the_model_processor_on_many_sizes(engine) -> None:
     """The default image path (vlmlab.preprocess + the family's own expansion) against the
     checkpoint's PixtralProcessor, including images larger than the 192 px edge."""
