@@ -6,8 +6,10 @@
 # on each. (scripts/gpu_smoke.sh, the vLLM check, needs vLLM and a hub model: not on such a box.)
 #
 # Usage: scripts/gpu_wheel_check.sh WHEELS [OUT_DIR]
-#   WHEELS  folder with dist/vlmlab-*.whl and the missing dependencies' wheels for that Python
-#           (pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d WHEELS)
+#   WHEELS  folder with dist/vlmlab-*.whl and, for that Python, the wheels the image lacks or has
+#           too old (pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d WHEELS,
+#           at the lock's versions); nano needs transformers>=5.18, which brings huggingface-hub 2,
+#           kernels and httpx2 with it
 set -uo pipefail
 WHEELS=$(realpath "${1:?folder of wheels}")
 OUT=$(realpath -m "${2:-gpu-wheel-out}")
@@ -16,6 +18,7 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 step() { printf '\n== %s\n' "$*"; }
 
 python3 -m pip install -q --no-index --no-deps --force-reinstall "$WHEELS"/*.whl || exit 1
+python3 -m pip check | grep -iE "^(vlmlab|transformers|huggingface)" || true
 cd "$(mktemp -d)"  # nothing of a source tree on the path: the installed wheel only
 step "version and environment"
 vlmlab --version
