@@ -89,6 +89,9 @@ class ServerSettings:
             smaller ones cost less to preprocess than to ship.
         default_max_tokens: completion length when a request sets none.
         engine_failures_before_fallback: consecutive engine errors that hand over to the next.
+        max_request_bytes: request bodies larger than this are refused with 413 before they are
+            read (the API key is checked first, so no unauthenticated body is read at all).
+        auth_stats: ``/stats`` and ``/metrics`` need the API key too.
     """
 
     engines: tuple[EngineSpec, ...] = (EngineSpec(),)
@@ -112,6 +115,9 @@ class ServerSettings:
     preprocess_pool_min_bytes: int = 256 * 2**10
     default_max_tokens: int = 256
     engine_failures_before_fallback: int = 3
+    # Room for the default image limits as base64 data URLs (4/3 of the bytes) in one request.
+    max_request_bytes: int = 128 * 2**20
+    auth_stats: bool = False
 
     def __post_init__(self) -> None:
         if not self.engines:
@@ -123,6 +129,8 @@ class ServerSettings:
             raise ConfigError(f"preprocess_mode must be 'exact' or 'fast', got {self.preprocess_mode!r}")
         if (self.preprocess_workers is not None and self.preprocess_workers < 0) or self.preprocess_pool_min_bytes < 0:
             raise ConfigError("preprocess_workers and preprocess_pool_min_bytes must be >= 0")
+        if self.max_request_bytes < 1:
+            raise ConfigError(f"max_request_bytes must be at least 1, got {self.max_request_bytes}")
         if self.max_queue < 0 or self.request_timeout_s <= 0:
             raise ConfigError("max_queue must be >= 0 and request_timeout_s > 0")
 
@@ -135,7 +143,12 @@ class ServerSettings:
 
 _ENGINE_KEYS = {f for f in EngineSpec.__dataclass_fields__}
 _SERVER_KEYS = {f for f in ServerSettings.__dataclass_fields__} - {"engines"}
-_BYTE_KEYS = {"preprocess_cache_bytes", "max_image_bytes", "preprocess_pool_min_bytes"}
+_BYTE_KEYS = {
+    "preprocess_cache_bytes",
+    "max_image_bytes",
+    "preprocess_pool_min_bytes",
+    "max_request_bytes",
+}
 # Shipped presets, found through importlib.resources so an installed wheel has them too.
 PRESET_DIR = Path(str(resources.files("vlmlab") / "configs"))
 

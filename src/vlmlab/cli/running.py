@@ -89,6 +89,8 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="VLMLAB_API_KEY", help="Require 'Authorization: Bearer KEY'.")] = None,
+    auth_stats: Annotated[bool | None, typer.Option("--auth-stats/--no-auth-stats", help="/stats and /metrics need the API key too.")] = None,
+    max_request_bytes: Annotated[str | None, typer.Option(help="Largest request body, e.g. 128MiB (413 over it).")] = None,
     allowed_local_media_path: Annotated[str | None, typer.Option(help="Directory file:// images may come from.")] = None,
     allowed_media_domains: Annotated[str | None, typer.Option(help="Comma-separated http(s) host allow-list.")] = None,
     trusted_media_hosts: Annotated[str | None, typer.Option(help="Comma-separated hosts exempt from the private-address guard (e.g. a local image server).")] = None,
@@ -132,6 +134,7 @@ def serve(
         request_timeout_s=request_timeout, preprocess_cache_bytes=preprocess_cache,
         response_cache_entries=response_cache, processor_options=parse_options(opt) or None,
         preprocess_mode=preprocess_mode, preprocess_workers=preprocess_workers,
+        auth_stats=auth_stats, max_request_bytes=max_request_bytes,
     )  # fmt: skip
     chosen = with_quantization({}, quantization, load_in_4bit, load_in_8bit)
     if chosen:  # every engine of the chain, whatever extra each one has from the config file

@@ -109,6 +109,14 @@ class AuthenticationError(VlmlabError):
     error_type = "AuthenticationError"
 
 
+class PayloadTooLargeError(VlmlabError):
+    """A request body, or the image work it asks for, is larger than the server accepts at all
+    (retrying cannot help; a momentarily full budget is an :class:`OverloadedError`)."""
+
+    status_code = 413
+    error_type = "PayloadTooLargeError"
+
+
 class NotFoundError(VlmlabError):
     """An unknown model, family, dataset, route or file."""
 

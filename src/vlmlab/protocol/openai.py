@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from vlmlab.protocol.core import (
     Chat,
@@ -70,8 +70,28 @@ class ChatMessage(OpenAIModel):
 
 
 class StreamOptions(OpenAIModel):
-    include_usage: bool | None = None
-    continuous_usage_stats: bool | None = None
+    include_usage: StrictBool | None = None
+    continuous_usage_stats: StrictBool | None = None
+
+
+# Integer fields end up in C integers (torch generators, vLLM's SamplingParams): a seed must fit
+# a signed 64-bit integer (vLLM's own bound, torch.iinfo(torch.long)), token counts a signed
+# 32-bit one. Out of range is a 400 naming the field, not an overflow inside the engine.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT32_MAX = 2**31 - 1
+
+
+def check_text(text: str, where: str, param: str = "messages") -> None:
+    """Raises BadRequestError when ``text`` is not valid Unicode (a lone surrogate, which JSON's
+    ``\\udXXX`` escapes can carry): tokenizers and UTF-8 encoders fail on it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadRequestError(
+            f"{where} is not valid Unicode: a lone surrogate {text[exc.start]!r} at character "
+            f"{exc.start}; send UTF-8 text",
+            param=param,
+        ) from None
 
 
 class ChatCompletionRequest(OpenAIModel):
@@ -79,18 +99,19 @@ class ChatCompletionRequest(OpenAIModel):
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)
-    seed: int | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX)
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | list[str] | None = None
-    n: int | None = Field(default=1, ge=1)
-    stream: bool | None = False
+    # Only one choice is generated (n > 1 is refused, and the schema says so).
+    n: int | None = Field(default=1, ge=1, json_schema_extra={"maximum": 1})
+    stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     mm_processor_kwargs: dict[str, Any] | None = None
-    ignore_eos: bool | None = False
+    ignore_eos: StrictBool | None = False
     user: str | None = None
 
     def to_chat(self) -> Chat:
@@ -99,8 +120,15 @@ class ChatCompletionRequest(OpenAIModel):
         for index, message in enumerate(self.messages):
             role = "system" if message.role == "developer" else message.role
             if message.content is None or isinstance(message.content, str):
+                check_text(message.content or "", f"messages[{index}].content")
                 parts: tuple[TextPart | ImagePart, ...] = (TextPart(message.content or ""),)
             else:
+                for number, part in enumerate(message.content):
+                    where = f"messages[{index}].content[{number}]"
+                    if isinstance(part, TextContent):
+                        check_text(part.text, f"{where}.text")
+                    else:
+                        check_text(part.image_url.url, f"{where}.image_url.url")
                 parts = tuple(
                     TextPart(p.text) if isinstance(p, TextContent) else ImagePart(ref=p.image_url.url)
                     for p in message.content
@@ -116,6 +144,8 @@ class ChatCompletionRequest(OpenAIModel):
         if self.n not in (None, 1):
             raise BadRequestError(f"n={self.n} is not supported; only n=1 is", param="n")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        for number, text in enumerate(stop):
+            check_text(text, f"stop[{number}]", param="stop")
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
         return SamplingParams(
             max_tokens=max_tokens,

@@ -7,7 +7,6 @@ model lives in ``app.state``, never in module globals, so tests can run several 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -45,6 +44,7 @@ from vlmlab.protocol.openai import (
     new_completion_id,
 )
 from vlmlab.server.engines import EngineChain
+from vlmlab.server.guard import KEY_HELP, RequestGuard, key_is_valid
 from vlmlab.server.service import ChatService
 
 logger = logging.getLogger(__name__)
@@ -73,14 +73,11 @@ def service_of(request: Request) -> ChatService:
 
 
 async def require_api_key(request: Request) -> None:  # async: no thread-pool hop per request
+    """The key check of the routes themselves (RequestGuard makes it before the body is read;
+    this one documents the security scheme and guards a route the middleware might miss)."""
     expected: str | None = request.app.state.settings.api_key
-    if not expected:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    # Constant-time comparison of the whole token; a missing header compares against "".
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
-        raise AuthenticationError("missing or wrong API key: send 'Authorization: Bearer <key>'")
+    if expected and not key_is_valid(request.headers.get("authorization", ""), expected):
+        raise AuthenticationError(KEY_HELP)
 
 
 def create_app(settings: ServerSettings, chain: EngineChain | None = None) -> FastAPI:
@@ -99,7 +96,9 @@ def create_app(settings: ServerSettings, chain: EngineChain | None = None) -> Fa
 
     app = FastAPI(title="vlmlab", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
+    app.add_middleware(RequestGuard, settings=settings)
     auth = [Depends(require_api_key)]
+    stats_auth = auth if settings.auth_stats else []
 
     @app.exception_handler(VlmlabError)
     async def on_vlmlab_error(request: Request, exc: VlmlabError) -> JSONResponse:
@@ -170,11 +169,11 @@ def create_app(settings: ServerSettings, chain: EngineChain | None = None) -> Fa
         ok, why = service.chain.health()
         return Response(status_code=200) if ok else JSONResponse({"status": "unhealthy", "reason": why}, status_code=503)
 
-    @app.get("/stats")
+    @app.get("/stats", dependencies=stats_auth)
     async def stats(request: Request) -> dict[str, Any]:
         return service_of(request).stats()
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=stats_auth)
     async def metrics(request: Request) -> Response:
         service = service_of(request)
         service.metrics.running.labels(service.metrics.model_name).set(service.in_engine)

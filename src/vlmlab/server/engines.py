@@ -1,15 +1,22 @@
 """The engine fallback chain: ``--engine vllm,hf`` tries each in order at start-up, and hands
-over to the next when the serving engine dies or keeps failing at run time."""
+over to the next when the serving engine dies or keeps failing at run time.
+
+Fault isolation: a request that raises does not by itself count against the engine. The chain
+first probes the engine (a one-token text generation); only when the probe fails too is the
+failure the engine's, and ``failures_before_fallback`` such failures in a row hand over. A
+request that fails while the engine still answers the probe failed on its own input."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from vlmlab.config import EngineSpec
-from vlmlab.engines import Engine, load_engine
+from vlmlab.engines import Engine, GenerationRequest, complete, load_engine
+from vlmlab.protocol.core import Chat, SamplingParams
 from vlmlab.protocol.errors import EngineUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -30,6 +37,7 @@ class EngineChain:
         specs: Sequence[EngineSpec],
         failures_before_fallback: int = 3,
         loader: Callable[[EngineSpec], Engine] = load_engine,
+        probe_timeout_s: float = 60.0,
     ):
         self.specs = list(specs)
         self.failures_before_fallback = failures_before_fallback
@@ -37,6 +45,9 @@ class EngineChain:
         self.state = ChainState()
         self.engine: Engine | None = None
         self._switching = asyncio.Lock()
+        self._probing = asyncio.Lock()
+        self._last_probe: tuple[float, Engine, bool, str] | None = None
+        self.probe_timeout_s = probe_timeout_s
         self.on_fallback: Callable[[], None] | None = None
 
     @property
@@ -72,16 +83,46 @@ class EngineChain:
     def record_success(self) -> None:
         self.state.consecutive_failures = 0
 
-    async def record_failure(self, engine: Engine, error: BaseException) -> None:
-        """Count a run-time failure of ``engine``; hand over when it is dead or failed too often."""
+    async def probe(self, engine: Engine) -> tuple[bool, str]:
+        """Whether ``engine`` still serves: alive, and a one-token greedy text generation ends.
+
+        Concurrent callers share one probe; a result younger than a second is reused."""
+        async with self._probing:
+            last = self._last_probe
+            if last is not None and last[1] is engine and time.monotonic() - last[0] < 1.0:
+                return last[2], last[3]
+            healthy, why = engine.health()
+            if healthy:
+                request = GenerationRequest(Chat.single("ping"), SamplingParams(max_tokens=1, temperature=0.0))
+                try:
+                    await asyncio.wait_for(complete(engine, request), self.probe_timeout_s)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - any failure of the probe is the answer
+                    healthy, why = False, f"a probe request failed too: {type(exc).__name__}: {exc}"
+            self._last_probe = (time.monotonic(), engine, healthy, why)
+            return healthy, why
+
+    async def record_failure(self, engine: Engine, error: BaseException) -> bool:
+        """A request on ``engine`` failed: probe it, and count the failure only if the probe fails
+        too; hand over after ``failures_before_fallback`` of those in a row (at once when the
+        engine reports itself dead). Returns True when the engine still serves, i.e. the failure
+        was the request's own."""
         if engine is not self.engine:
-            return  # a failure of an engine that was already replaced
+            return False  # a failure of an engine that was already replaced
+        healthy, why = await self.probe(engine)
+        if healthy:
+            logger.warning("a request failed (%s: %s) but the engine answers a probe: not counted", type(error).__name__, error)
+            return True
+        if engine is not self.engine:
+            return False
         self.state.consecutive_failures += 1
-        healthy, why = engine.health()
-        if healthy and self.state.consecutive_failures < self.failures_before_fallback:
-            return
-        reason = why if not healthy else f"{self.state.consecutive_failures} consecutive failures, last: {error}"
+        alive, _ = engine.health()
+        if alive and self.state.consecutive_failures < self.failures_before_fallback:
+            return False
+        reason = f"{self.state.consecutive_failures} consecutive failures, last: {error}; {why}"
         await self.fall_back(engine, reason)
+        return False
 
     async def fall_back(self, engine: Engine, reason: str) -> None:
         async with self._switching:

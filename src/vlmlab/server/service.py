@@ -274,17 +274,23 @@ class ChatService:
                             if stage != "engine":  # preprocessing stages only
                                 self.metrics.observe_stage(stage, seconds)
                         self.metrics.observe_result(item, t.total_s)
+                        # Here, not after the loop: the caller closes this generator once it has
+                        # the result, so code after the loop does not run.
+                        self.chain.record_success()
                     yield item
-                self.chain.record_success()
             except VlmlabError as exc:
                 if isinstance(exc, EngineError) or exc.status_code >= 500:
                     await self.chain.record_failure(engine, exc)
                 raise
             except (asyncio.CancelledError, GeneratorExit):
                 raise
-            except Exception as exc:  # an engine bug: a 500 for this request, counted for fallback
-                logger.exception("engine failed")
-                await self.chain.record_failure(engine, exc)
+            except Exception as exc:  # raised inside the engine: the engine's fault or the request's?
+                logger.exception("the engine failed on a request")
+                if await self.chain.record_failure(engine, exc):
+                    raise BadRequestError(
+                        f"the engine could not process this request ({type(exc).__name__}: {exc}); "
+                        "it serves other requests normally"
+                    ) from exc
                 raise EngineError(f"the engine failed: {type(exc).__name__}: {exc}") from exc
             finally:
                 self.in_engine -= 1

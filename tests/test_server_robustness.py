@@ -1,0 +1,246 @@
+"""No single request takes the server down: out-of-range numbers and invalid Unicode are 400s at
+the edge, and a request that makes the engine raise fails alone while the engine keeps serving.
+
+Each bad request is followed by a normal one (200) and ``/health`` (200)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from serverutil import data_url, image_message, png_bytes, running_server
+from vlmlab.config import EngineSpec, ServerSettings
+from vlmlab.engines import Engine, load_engine
+from vlmlab.protocol.core import TextPart
+from vlmlab.server.engines import EngineChain
+
+NANO = EngineSpec(model="nano", device="cpu")
+
+
+def good_body(**extra: Any) -> dict[str, Any]:
+    message = image_message("What colour is the shape?", data_url(png_bytes()))
+    return {"model": "nano", "messages": message, "max_tokens": 4, "temperature": 0, **extra}
+
+
+def still_serving(url: str) -> None:
+    reply = httpx.post(f"{url}/v1/chat/completions", json=good_body(), timeout=60)
+    assert reply.status_code == 200, reply.text
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def server():
+    settings = ServerSettings(engines=(NANO,), response_cache_entries=0)
+    with running_server(settings) as running:
+        yield running
+
+
+def post_raw(url: str, text: str, path: str = "/v1/chat/completions") -> httpx.Response:
+    """A body sent as written (JSON's NaN, huge integers and \\udXXX escapes survive)."""
+    headers = {"content-type": "application/json"}
+    return httpx.post(f"{url}{path}", content=text.encode(), headers=headers, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("seed", "1" + "0" * 30),
+        ("seed", str(2**64)),
+        ("seed", str(2**63)),
+        ("seed", str(-(2**63) - 1)),
+        ("max_tokens", "1" + "0" * 30),
+        ("max_completion_tokens", str(2**31)),
+        ("top_k", str(2**40)),
+        ("temperature", "NaN"),
+        ("temperature", "Infinity"),
+        ("top_p", "-Infinity"),
+        ("n", "2"),
+        ("ignore_eos", "0"),
+        ("stream", '"yes"'),
+    ],
+)
+def test_out_of_range_numbers_are_400_naming_the_field(server, field: str, value: str) -> None:
+    body = json.dumps(good_body())[:-1] + f', "{field}": {value}}}'
+    reply = post_raw(server.url, body)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == field and field in error["message"]
+    still_serving(server.url)
+
+
+@pytest.mark.parametrize("seed", [-(2**63), 2**63 - 1, -1, 0])
+def test_every_accepted_seed_is_served(server, seed: int) -> None:
+    reply = httpx.post(
+        f"{server.url}/v1/chat/completions", json=good_body(seed=seed, temperature=0.8), timeout=60
+    )
+    assert reply.status_code == 200, reply.text
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
+@pytest.mark.parametrize(
+    "message",
+    [
+        '{"role": "user", "content": "\\udfff\\ud800"}',
+        '{"role": "user", "content": [{"type": "text", "text": "colour? \\ud800"}]}',
+        '{"role": "system", "content": "x\\udc00y"}',
+    ],
+)
+def test_text_that_is_not_unicode_is_400_naming_the_message(server, path: str, message: str) -> None:
+    body = f'{{"model": "nano", "max_tokens": 2, "messages": [{message}]}}'
+    reply = post_raw(server.url, body, path)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == "messages"
+    assert "messages[0].content" in error["message"] and "not valid Unicode" in error["message"]
+    still_serving(server.url)
+
+
+def test_a_lone_surrogate_in_a_stop_string_is_400(server) -> None:
+    body = json.dumps(good_body())[:-1] + ', "stop": ["ok", "\\ud800"]}'
+    reply = post_raw(server.url, body)
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "stop"
+    still_serving(server.url)
+
+
+class InputBugEngine(Engine):
+    """The real nano engine with one input-triggered bug injected: a request whose text says
+    CRASH raises inside ``generate``, as an engine bug on unusual input would. Everything else,
+    the probe included, is the real engine's."""
+
+    @classmethod
+    def load(cls, spec: EngineSpec) -> InputBugEngine:
+        return cls(load_engine(spec))
+
+    def __init__(self, inner: Engine):
+        self.inner = inner
+        self.name = inner.name
+        self.capabilities = inner.capabilities
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def generate(self, request) -> AsyncIterator[Any]:
+        texts = [p.text for m in request.chat.messages for p in m.content if isinstance(p, TextPart)]
+        if any("CRASH" in text for text in texts):
+            raise RuntimeError("injected engine bug")
+        async for item in self.inner.generate(request):
+            yield item
+
+    def info(self):
+        return self.inner.info()
+
+    def count_prompt_tokens(self, chat, options=None):
+        return self.inner.count_prompt_tokens(chat, options)
+
+    def health(self):
+        return self.inner.health()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def crash_body() -> dict[str, Any]:
+    return good_body(messages=image_message("CRASH please", data_url(png_bytes())))
+
+
+def test_failing_requests_do_not_kill_the_engine() -> None:
+    """2 failing requests, 20 good ones, 1 failing, then more: the engine serves throughout, and
+    each failing request gets a 400 of its own (the engine still answers the probe)."""
+    chain = EngineChain((NANO,), failures_before_fallback=3, loader=InputBugEngine.load)
+    settings = ServerSettings(engines=(NANO,), response_cache_entries=0)
+    with running_server(settings, chain) as server:
+        post = lambda body: httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)  # noqa: E731
+        statuses = [post(crash_body()).status_code for _ in range(2)]
+        statuses += [post(good_body()).status_code for _ in range(20)]
+        statuses += [post(crash_body()).status_code]
+        statuses += [post(crash_body()).status_code for _ in range(3)]
+        assert statuses == [400, 400] + [200] * 20 + [400] * 4
+        failed = post(crash_body()).json()["error"]
+        assert "injected engine bug" in failed["message"] and "serves other requests" in failed["message"]
+        still_serving(server.url)
+        stats = httpx.get(f"{server.url}/stats").json()
+        assert stats["healthy"] and stats["engines_skipped"] == []
+
+
+# -- before the body: the API key and the size limit -------------------------------------------
+
+KEY = "s3cret"
+
+
+@pytest.fixture(scope="module")
+def keyed_server():
+    settings = ServerSettings(engines=(NANO,), api_key=KEY, auth_stats=True, max_request_bytes=2**20)
+    with running_server(settings) as running:
+        yield running
+
+
+def headers_only(url: str, head: str) -> tuple[int, dict[str, Any]]:
+    """Send only a request's head (no body follows) and read the answer: a server that waited
+    for the body would time out here."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head.replace("\n", "\r\n").encode() + b"\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    status = int(data.split(b" ", 2)[1])
+    return status, json.loads(data.split(b"\r\n\r\n", 1)[1])
+
+
+def test_the_key_is_checked_before_the_body_is_read(keyed_server) -> None:
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\nHost: x\ncontent-type: application/json\n"
+        f"content-length: {100 * 2**20}\n"
+    )
+    status, body = headers_only(keyed_server.url, head)
+    assert status == 401 and "API key" in body["error"]["message"]
+    status, body = headers_only(keyed_server.url, head.replace("Host: x", "Host: x\nAuthorization: Bearer nope"))
+    assert status == 401
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_read(keyed_server) -> None:
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\nHost: x\ncontent-type: application/json\n"
+        f"Authorization: Bearer {KEY}\ncontent-length: {2**20 + 1}\n"
+    )
+    status, body = headers_only(keyed_server.url, head)
+    assert status == 413
+    assert "--max-request-bytes" in body["error"]["message"] and body["error"]["code"] == 413
+
+
+def test_a_chunked_body_over_the_limit_is_413(keyed_server) -> None:
+    def chunks():
+        for _ in range(40):
+            yield b" " * 65536  # 2.5 MiB of JSON whitespace, no length announced
+
+    reply = httpx.post(
+        f"{keyed_server.url}/v1/chat/completions",
+        content=chunks(),
+        headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"},
+        timeout=60,
+    )
+    assert reply.status_code == 413
+    small = httpx.post(
+        f"{keyed_server.url}/v1/chat/completions",
+        content=iter([json.dumps(good_body()).encode()]),
+        headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"},
+        timeout=60,
+    )
+    assert small.status_code == 200, small.text
+
+
+def test_stats_and_metrics_behind_the_key_with_auth_stats(keyed_server) -> None:
+    for path in ("/stats", "/metrics"):
+        assert httpx.get(f"{keyed_server.url}{path}").status_code == 401
+        with_key = httpx.get(f"{keyed_server.url}{path}", headers={"Authorization": f"Bearer {KEY}"})
+        assert with_key.status_code == 200
+    assert httpx.get(f"{keyed_server.url}/health").status_code == 200
