@@ -244,3 +244,85 @@ def test_stats_and_metrics_behind_the_key_with_auth_stats(keyed_server) -> None:
         with_key = httpx.get(f"{keyed_server.url}{path}", headers={"Authorization": f"Bearer {KEY}"})
         assert with_key.status_code == 200
     assert httpx.get(f"{keyed_server.url}/health").status_code == 200
+
+
+# -- the event loop stays free --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
+def test_a_multi_megabyte_prompt_does_not_stall_the_server(server, path: str) -> None:
+    """5 MB of text: refused at once from a bound on its tokens (the longest vocabulary entry),
+    while /health keeps answering; before, tokenising it on the event loop froze every route for
+    seconds (4.5 s here)."""
+    import threading
+    import time
+
+    latencies: list[float] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            start = time.perf_counter()
+            assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
+            latencies.append(time.perf_counter() - start)
+            time.sleep(0.01)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        body = {"model": "nano", "max_tokens": 2, "messages": [{"role": "user", "content": "word " * 10**6}]}
+        reply = httpx.post(f"{server.url}{path}", json=body, timeout=120)
+    finally:
+        done.set()
+        poller.join()
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert "5,000,000 characters" in error["message"] and "at least" in error["message"]
+    assert latencies and max(latencies) < 0.5, max(latencies)
+    still_serving(server.url)
+
+
+def test_long_text_within_the_bound_is_still_counted_exactly(server) -> None:
+    """The bound never refuses what fits: a prompt just under the context is served, and
+    /tokenize counts it exactly like a short one."""
+    text = "word " * 150
+    body = {"model": "nano", "max_tokens": 2, "messages": [{"role": "user", "content": text}]}
+    counted = httpx.post(f"{server.url}/tokenize", json=body, timeout=60).json()["count"]
+    reply = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["prompt_tokens"] == counted > 150
+
+
+@pytest.fixture(scope="module")
+def nano_tokenizer():
+    from transformers import AutoTokenizer
+
+    from vlmlab.nano import checkpoint_path
+
+    return AutoTokenizer.from_pretrained(checkpoint_path())
+
+
+def test_the_token_bound_never_overestimates(nano_tokenizer) -> None:
+    """Whatever the text, it takes at least characters / bound tokens (so the server refuses
+    only what cannot fit)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from vlmlab.engines.hf import token_span_bound
+
+    bound = token_span_bound(nano_tokenizer)
+    assert bound and bound == max(len(t) for t in nano_tokenizer.get_vocab())
+    samples = st.one_of(
+        st.text(max_size=400),
+        st.builds(lambda c, n: c * n, st.sampled_from([" ", "a", "\n", "ab", "\u00e9"]), st.integers(1, 2000)),
+    )
+
+    @settings(max_examples=300, deadline=None, derandomize=True)
+    @given(text=samples)
+    def check(text: str) -> None:
+        if text.encode("utf-8", "surrogatepass") != text.encode("utf-8", "ignore"):
+            return  # lone surrogates are refused before any tokenizer
+        tokens = len(nano_tokenizer(text, add_special_tokens=False)["input_ids"])
+        assert tokens >= -(-len(text) // bound)
+
+    check()

@@ -81,6 +81,10 @@ class Engine(abc.ABC):
 
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities] = Capabilities()
+    # The longest string one token of the model's vocabulary stands for, where the engine knows
+    # it: a text of N characters is then at least N / max_token_chars tokens, a bound the server
+    # checks in O(N) before any tokenizer runs (None: no such bound).
+    max_token_chars: int | None = None
 
     @classmethod
     @abc.abstractmethod

@@ -23,7 +23,7 @@ from vlmlab.engines.base import Capabilities, Engine, EngineInfo, GenerationRequ
 from vlmlab.engines.hf_preprocess import RequestPreprocessor
 from vlmlab.engines.quantization import hf_quantization
 from vlmlab.families import Family, get_family
-from vlmlab.protocol.core import Chat, GenerationChunk, GenerationResult, ImagePart, Timings
+from vlmlab.protocol.core import Chat, GenerationChunk, GenerationResult, ImagePart, TextPart, Timings
 from vlmlab.protocol.errors import (
     BadRequestError,
     ConfigError,
@@ -62,6 +62,46 @@ def check_nano_transformers(installed: str | None = None) -> None:
             f"on which it answers wrongly): pip install -U 'transformers>={NANO_MIN_TRANSFORMERS}', "
             "or install vlmlab from requirements/lock.txt"
         )
+
+
+# Text longer than this is rendered and tokenised in a worker thread: below it the hop costs
+# more than the work (a few hundred microseconds of tokenising), above it the event loop, and
+# every other request with it, would wait.
+LONG_TEXT_CHARS = 20_000
+
+
+# Normalizers that never shrink a text by more than this factor (composition: Hangul jamo L+V+T
+# into one syllable is the largest, 3 to 1); any other normalizer may delete text, so no bound.
+COMPOSING_NORMALIZERS = {"NFC", "NFKC"}
+KEEPING_NORMALIZERS = {"Prepend"}
+
+
+def token_span_bound(tokenizer: Any) -> int | None:
+    """Characters of input text one token can stand for at most, or None where the tokenizer
+    gives no such bound. Only for BPE that can spell any text (byte-level, or byte fallback),
+    where no unknown token swallows a run of text; the longest vocabulary entry bounds a token's
+    span, times 3 when the normalizer composes characters."""
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    spec = json.loads(backend.to_str())
+    model, normalizer = spec.get("model") or {}, spec.get("normalizer")
+    byte_level = "ByteLevel" in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
+    if model.get("type") != "BPE" or not (byte_level or model.get("byte_fallback")):
+        return None
+    steps = (normalizer or {}).get("normalizers", [normalizer] if normalizer else [])
+    kinds = [step.get("type") for step in steps]
+    if any(kind not in COMPOSING_NORMALIZERS | KEEPING_NORMALIZERS for kind in kinds):
+        return None
+    longest = max(map(len, model.get("vocab", {})), default=0)
+    longest = max([longest, *(len(t["content"]) for t in spec.get("added_tokens", []))])
+    return longest * (3 if set(kinds) & COMPOSING_NORMALIZERS else 1) or None
+
+
+def chat_characters(chat: Chat) -> int:
+    return sum(len(p.text) for m in chat.messages for p in m.content if isinstance(p, TextPart))
 
 
 def resolve_model(model: str) -> tuple[str, str | None]:
@@ -167,6 +207,7 @@ class HFEngine(Engine):
         self.tokenizer.padding_side = "left"
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.tokenizer.eos_token_id or 0)
         self.eos_ids = self._eos_ids()
+        self.max_token_chars = token_span_bound(self.tokenizer)
         self.decode_ids = _fast_decode(self.tokenizer)  # built once: every decode step detokenizes
         self.expansion_mismatches = 0
         self.preprocess_cache: LRUCache[Any] = LRUCache(
@@ -386,13 +427,20 @@ class HFEngine(Engine):
 
     # -- generation ----------------------------------------------------------------------------
 
+    def _render_and_count(self, request: GenerationRequest) -> tuple[str, PromptCount]:
+        prompt = self.render(request.chat)
+        return prompt, self.count_prompt_tokens(request.chat, request.processor_options, prompt)
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk | GenerationResult]:
         from vlmlab.engines.hf_batching import Job
 
         start = time.perf_counter()
         chat, sampling = request.chat, request.sampling
-        prompt = self.render(chat)
-        count = self.count_prompt_tokens(chat, request.processor_options, prompt)
+        loop = asyncio.get_running_loop()
+        if chat_characters(chat) > LONG_TEXT_CHARS:  # template and tokenizer off the event loop
+            prompt, count = await loop.run_in_executor(None, self._render_and_count, request)
+        else:
+            prompt, count = self._render_and_count(request)
         if count.prompt_tokens + sampling.max_tokens > self.max_model_len:
             raise ContextLengthError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you "
@@ -400,7 +448,6 @@ class HFEngine(Engine):
                 f"the messages, {sampling.max_tokens} in the completion). Please reduce the length of "
                 "the messages, the images or the completion."
             )
-        loop = asyncio.get_running_loop()
         images = [img.data for img in chat.images]
         prep_start = time.perf_counter()
         args = (prompt, images, request.processor_options, request.preprocess_mode)

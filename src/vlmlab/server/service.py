@@ -35,6 +35,7 @@ from vlmlab.protocol.core import (
 )
 from vlmlab.protocol.errors import (
     BadRequestError,
+    ContextLengthError,
     EngineError,
     OverloadedError,
     RequestTimeoutError,
@@ -114,6 +115,7 @@ class ChatService:
                 from vlmlab.families import get_family
 
                 get_family(family).resolve_options(options)  # unknown option -> 400 naming it
+        self._check_text_length(chat, sampling)
         limit = self.max_images()
         if len(chat.images) > limit:
             raise BadRequestError(
@@ -121,6 +123,24 @@ class ChatService:
                 param="messages",
             )
         return chat, sampling, options, mode
+
+    def _check_text_length(self, chat: Chat, sampling: SamplingParams) -> None:
+        """An O(characters) lower bound on the prompt's tokens, before any template or tokenizer
+        runs: a text far beyond the context is refused at once instead of after seconds of
+        tokenising (which, on the event loop, would stall every other request)."""
+        engine = self.chain.current()
+        if not engine.max_token_chars:
+            return
+        characters = sum(len(p.text) for m in chat.messages for p in m.content if isinstance(p, TextPart))
+        at_least = -(-characters // engine.max_token_chars)
+        limit = engine.info().max_model_len
+        if at_least + sampling.max_tokens > limit:
+            raise ContextLengthError(
+                f"This model's maximum context length is {limit} tokens. However, the messages hold "
+                f"{characters:,} characters of text, at least {at_least:,} tokens (no token of this "
+                f"model spans more than {engine.max_token_chars} characters), and {sampling.max_tokens} "
+                "more are requested for the completion. Please reduce the length of the messages."
+            )
 
     def max_images(self) -> int:
         engine_limit = self.chain.current().info().max_images
