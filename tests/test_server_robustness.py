@@ -326,3 +326,32 @@ def test_the_token_bound_never_overestimates(nano_tokenizer) -> None:
         assert tokens >= -(-len(text) // bound)
 
     check()
+
+
+# -- the documented contract ----------------------------------------------------------------------
+
+
+def test_health_has_a_json_body_and_405_names_the_allowed_methods(server) -> None:
+    health = httpx.get(f"{server.url}/health")
+    assert health.headers["content-type"] == "application/json" and health.json() == {"status": "ok"}
+    trace = httpx.request("TRACE", f"{server.url}/v1/chat/completions")
+    assert trace.status_code == 405 and "POST" in trace.headers["allow"]
+    assert trace.json()["error"]["code"] == 405
+    schema = httpx.get(f"{server.url}/openapi.json").json()
+    post = schema["paths"]["/v1/chat/completions"]["post"]
+    assert "422" not in post["responses"] and "400" in post["responses"]
+    assert "text/event-stream" in post["responses"]["200"]["content"]
+    n = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]["n"]
+    assert n["maximum"] == 1
+
+
+def test_an_image_nano_cannot_take_gets_advice_nano_accepts(server) -> None:
+    reply = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json=good_body(messages=image_message("What is it?", data_url(png_bytes(1, 20000)))),
+        timeout=60,
+    )
+    assert reply.status_code == 400, reply.text
+    message = reply.json()["error"]["message"]
+    assert "variant" not in message and "short side is at least 105 px" in message
+    still_serving(server.url)

@@ -26,7 +26,9 @@ MAX_MODEL_LEN = 1024  # config.json text_config.max_position_embeddings
 
 def nano_layout(width: int, height: int, options: Mapping[str, Any]) -> ImageLayout:
     del options
-    return pixtral_layout(width, height, {"variant": "hf"}, longest_edge=LONGEST_EDGE)
+    return pixtral_layout(
+        width, height, {"variant": "hf"}, longest_edge=LONGEST_EDGE, advise_variant=False
+    )
 
 
 def render_prompt(chat: Chat, add_generation_prompt: bool = True) -> str:

@@ -46,7 +46,13 @@ TEKKEN_IDS = PixtralSpecialIds()
 
 
 def resized_size(
-    width: int, height: int, *, variant: str, longest_edge: int = LONGEST_EDGE, patch: int = PATCH
+    width: int,
+    height: int,
+    *,
+    variant: str,
+    longest_edge: int = LONGEST_EDGE,
+    patch: int = PATCH,
+    advise_variant: bool = True,
 ) -> tuple[int, int]:
     """The (width, height) canvas the encoder sees: downscaled to ``longest_edge``, then padded
     up to whole patches (mistral_common resizes straight to ``16*cols x 16*rows``)."""
@@ -60,10 +66,16 @@ def resized_size(
             # transformers' port: int(floor(.)) and no clamp (its own comment notes the change).
             w, h = int(math.floor(width / ratio)), int(math.floor(height / ratio))
             if w < 1 or h < 1:
+                # The fix offered must be one the served model accepts: only Pixtral itself has
+                # the mistral variant (nano shares this rule with variant fixed to hf).
+                fix = (
+                    "use variant='mistral' (mistral_common clamps the short side to 1 px)"
+                    if advise_variant
+                    else f"send an image whose short side is at least {math.ceil(ratio)} px"
+                )
                 raise ImageSizeError(
                     f"a {width}x{height} image is downscaled to {w}x{h} px by transformers' "
-                    "PixtralImageProcessor, which it cannot process; use variant='mistral' "
-                    "(mistral_common clamps the short side to 1 px)"
+                    f"PixtralImageProcessor, which it cannot process; {fix}"
                 )
     cols = (w - 1) // patch + 1
     rows = (h - 1) // patch + 1
@@ -71,9 +83,17 @@ def resized_size(
 
 
 def pixtral_layout(
-    width: int, height: int, options: Mapping[str, Any], *, longest_edge: int = LONGEST_EDGE
+    width: int,
+    height: int,
+    options: Mapping[str, Any],
+    *,
+    longest_edge: int = LONGEST_EDGE,
+    advise_variant: bool = True,
 ) -> ImageLayout:
-    cw, ch = resized_size(width, height, variant=options["variant"], longest_edge=longest_edge)
+    cw, ch = resized_size(
+        width, height, variant=options["variant"], longest_edge=longest_edge,
+        advise_variant=advise_variant,
+    )
     rows, cols = ch // PATCH, cw // PATCH
     # rows*cols [IMG] + (rows-1) [IMG_BREAK] + 1 [IMG_END]
     return ImageLayout(

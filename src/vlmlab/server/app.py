@@ -119,14 +119,25 @@ def create_app(settings: ServerSettings, chain: EngineChain | None = None) -> Fa
         error = VlmlabError(str(exc.detail))
         error.status_code = exc.status_code  # type: ignore[misc]
         error.error_type = "BadRequestError" if exc.status_code < 500 else "InternalServerError"  # type: ignore[misc]
-        return error_response(error)
+        response = error_response(error)
+        response.headers.update(exc.headers or {})  # 405's Allow, for one
+        return response
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s", request.url.path)
         return await on_vlmlab_error(request, VlmlabError(f"internal error: {type(exc).__name__}"))
 
-    @app.post("/v1/chat/completions", dependencies=auth, response_model=None)
+    @app.post(
+        "/v1/chat/completions",
+        dependencies=auth,
+        response_model=None,
+        responses={200: {"description": "The completion, or with stream=true its SSE stream", "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionResponse"}},
+            "text/event-stream": {"schema": {"type": "object", "required": ["data"], "properties": {"data": {
+                "type": "string", "description": "a chat.completion.chunk as JSON, an error object, or [DONE] last"}}}},
+        }}},
+    )  # fmt: skip
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         service = service_of(request)
         check_model(body, service)
@@ -167,7 +178,7 @@ def create_app(settings: ServerSettings, chain: EngineChain | None = None) -> Fa
         if service is None:
             return JSONResponse({"status": "starting"}, status_code=503)
         ok, why = service.chain.health()
-        return Response(status_code=200) if ok else JSONResponse({"status": "unhealthy", "reason": why}, status_code=503)
+        return JSONResponse({"status": "ok"}) if ok else JSONResponse({"status": "unhealthy", "reason": why}, status_code=503)
 
     @app.get("/stats", dependencies=stats_auth)
     async def stats(request: Request) -> dict[str, Any]:
@@ -180,7 +191,45 @@ def create_app(settings: ServerSettings, chain: EngineChain | None = None) -> Fa
         service.metrics.waiting.labels(service.metrics.model_name).set(max(0, service.active - service.in_engine))
         return Response(service.metrics.export(), media_type=CONTENT_TYPE_LATEST)
 
+    app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     return app
+
+
+def openapi_schema(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, corrected to what the server does: a body that fails validation is a
+    400 in OpenAI's error shape (FastAPI documents 422), and every route may answer with that
+    error object."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.pop("HTTPValidationError", None)
+    components.pop("ValidationError", None)
+    components["ErrorResponse"] = {
+        "type": "object",
+        "required": ["error"],
+        "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"], "properties": {
+            "message": {"type": "string"}, "type": {"type": "string"},
+            "param": {"type": ["string", "null"]}, "code": {"type": ["integer", "string", "null"]},
+        }}},
+    }  # fmt: skip
+    components.setdefault("ChatCompletionResponse", ChatCompletionResponse.model_json_schema(ref_template="#/components/schemas/{model}"))
+    for definition in components["ChatCompletionResponse"].pop("$defs", {}).items():
+        components.setdefault(*definition)
+    error = {"description": "An error in OpenAI's shape", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    for methods in schema.get("paths", {}).values():
+        for operation in methods.values():
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)
+            for status in ("400", "401", "404", "413", "429", "500", "503", "504"):
+                responses.setdefault(status, error)
+    metrics = schema.get("paths", {}).get("/metrics", {}).get("get")
+    if metrics:  # Prometheus' text format, not JSON
+        metrics["responses"]["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
+    app.openapi_schema = schema
+    return schema
 
 
 def check_model(body: ChatCompletionRequest, service: ChatService) -> None:
