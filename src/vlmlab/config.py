@@ -74,12 +74,14 @@ class ServerSettings:
         allowed_media_domains: http(s) host allow-list (``None``: any public host).
         trusted_media_hosts: hosts exempt from the private-address guard (tests, internal hosts).
         max_images: images per request (default: the family's limit).
-        max_image_bytes, max_image_pixels: per-image caps, checked before decoding.
+        max_image_bytes, max_image_pixels: per-image caps, checked before decoding
+            (``max_image_pixels`` ``None``: from the served family, see
+            ``vlmlab.server.admission.default_pixel_cap``; JPEGs over it are decoded reduced).
         max_concurrency: requests handed to the engine at once (the engine batches them).
         max_queue: requests allowed to wait beyond those; more get 429 with Retry-After.
         request_timeout_s: per-request deadline (504 after it).
         response_cache_entries: deterministic answers kept (0 turns the cache off).
-        media_workers: threads that fetch and decode images off the event loop.
+        media_workers: threads that decode images (and read inline ones) off the event loop.
         preprocess_mode: image preprocessing a request gets unless its ``mm_processor_kwargs``
             say ``preprocess_mode``: ``exact`` (equal to the model's processor) or ``fast``.
         preprocess_workers: processes that decode and preprocess large images from their bytes,
@@ -92,6 +94,16 @@ class ServerSettings:
         max_request_bytes: request bodies larger than this are refused with 413 before they are
             read (the API key is checked first, so no unauthenticated body is read at all).
         auth_stats: ``/stats`` and ``/metrics`` need the API key too.
+        image_memory_budget: bytes that the decoded images and tensors of all in-flight
+            requests may take, estimated from each image's header before decoding; a request
+            needing more than all of it gets 413, one that does not fit now 429.
+        fetch_workers: threads that download http(s) image URLs (apart from the decoding
+            threads, so slow hosts cannot hold up inline images).
+        fetch_per_host: downloads from any one host at once (the rest wait without a thread).
+        http_header_timeout_s: a connection must deliver a request's headers within this
+            long (of opening, or of the previous response), or it is closed.
+        http_body_timeout_s: a request's body must arrive within this long of its headers.
+        http_max_header_bytes: request line and headers larger than this get 431.
     """
 
     engines: tuple[EngineSpec, ...] = (EngineSpec(),)
@@ -104,7 +116,7 @@ class ServerSettings:
     trusted_media_hosts: tuple[str, ...] = ()
     max_images: int | None = None
     max_image_bytes: int = 20 * 2**20
-    max_image_pixels: int = 178_956_970
+    max_image_pixels: int | None = None
     max_concurrency: int = 16
     max_queue: int = 64
     request_timeout_s: float = 300.0
@@ -118,6 +130,12 @@ class ServerSettings:
     # Room for the default image limits as base64 data URLs (4/3 of the bytes) in one request.
     max_request_bytes: int = 128 * 2**20
     auth_stats: bool = False
+    image_memory_budget: int = 2 * 2**30
+    fetch_workers: int = 32
+    fetch_per_host: int = 8
+    http_header_timeout_s: float = 10.0
+    http_body_timeout_s: float = 60.0
+    http_max_header_bytes: int = 32 * 2**10
 
     def __post_init__(self) -> None:
         if not self.engines:
@@ -129,6 +147,16 @@ class ServerSettings:
             raise ConfigError(f"preprocess_mode must be 'exact' or 'fast', got {self.preprocess_mode!r}")
         if (self.preprocess_workers is not None and self.preprocess_workers < 0) or self.preprocess_pool_min_bytes < 0:
             raise ConfigError("preprocess_workers and preprocess_pool_min_bytes must be >= 0")
+        for name in ("image_memory_budget", "fetch_workers", "fetch_per_host"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.http_max_header_bytes < 1024:  # the request line and a Host header need room
+            value = self.http_max_header_bytes
+            raise ConfigError(f"http_max_header_bytes must be at least 1024, got {value}")
+        if self.max_image_pixels is not None and self.max_image_pixels < 1:
+            raise ConfigError(f"max_image_pixels must be at least 1, got {self.max_image_pixels}")
+        if not (self.http_header_timeout_s > 0 and self.http_body_timeout_s > 0):
+            raise ConfigError("http_header_timeout_s and http_body_timeout_s must be > 0")
         if self.max_request_bytes < 1:
             raise ConfigError(f"max_request_bytes must be at least 1, got {self.max_request_bytes}")
         if self.max_queue < 0 or self.request_timeout_s <= 0:
@@ -148,6 +176,8 @@ _BYTE_KEYS = {
     "max_image_bytes",
     "preprocess_pool_min_bytes",
     "max_request_bytes",
+    "image_memory_budget",
+    "http_max_header_bytes",
 }
 # Shipped presets, found through importlib.resources so an installed wheel has them too.
 PRESET_DIR = Path(str(resources.files("vlmlab") / "configs"))

@@ -9,6 +9,9 @@
   SSRF guard in :mod:`vlmlab.media_net`. Every other scheme is refused.
 * limits: ``max_bytes`` on the source bytes, ``max_pixels`` (and ``max_side``) checked from the
   header before any pixel is decoded, so decompression bombs never allocate their raster.
+  :func:`plan_decode` reads the same header to say what decoding will allocate (for admission
+  against a memory budget) and plans JPEGs at a reduced DCT scale (``Image.draft``) where that
+  fits the caps or serves the caller as well; :func:`decode_image` follows the plan.
 * decoding: raster formats only (PNG, JPEG, GIF, WebP, BMP, TIFF, AVIF where Pillow has it; SVG,
   text, HTML, PDF are refused saying what was found); first frame of animations; EXIF orientation
   applied; every mode converted to RGB with transparency composited over white; truncated files
@@ -27,6 +30,7 @@ import io
 import os
 import re
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, unquote_to_bytes, urlsplit
@@ -34,7 +38,7 @@ from urllib.parse import unquote, unquote_to_bytes, urlsplit
 import pybase64
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vlmlab.media_net import fetch_url, short_ref
+from vlmlab.media_net import describe_content, fetch_url, short_ref
 from vlmlab.protocol.core import ImageData
 from vlmlab.protocol.errors import (
     ConfigError,
@@ -47,11 +51,13 @@ from vlmlab.protocol.errors import (
 )
 
 __all__ = [
+    "DecodePlan",
     "ImageBytes",
     "ImageInfo",
     "MediaPolicy",
     "decode_image",
     "load_image",
+    "plan_decode",
     "probe_image",
     "read_image_bytes",
 ]
@@ -69,6 +75,12 @@ _BASE64_RE = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 # base64 characters, while short extension-less strings like "/srv/img" are valid base64 too.
 _MIN_RAW_BASE64 = 64
 _ROTATING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width/height
+# libjpeg decodes at 1/1, 1/2, 1/4 or 1/8 scale in the DCT domain (PIL's Image.draft).
+_JPEG_SCALES = (1, 2, 4, 8)
+# Bytes per pixel of a PIL image in memory, by mode (Pillow's Storage.c: 1-byte modes keep one
+# byte per pixel, "1" included; 2- and 3-channel modes such as LA and RGB are padded to 4).
+_PIL_PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+_RGB_PIXEL_BYTES = 4  # the RGB image decoding returns is stored as RGBX
 
 
 @dataclass(frozen=True)
@@ -289,31 +301,6 @@ def _read_source(ref: str | bytes | bytearray | memoryview, policy: MediaPolicy)
 # --------------------------------------------------------------------------- decoding
 
 
-def _describe_content(data: bytes) -> str:
-    """A short human description of bytes PIL could not open ("SVG", "HTML", "text", ...)."""
-    head = data[:4096].lstrip(b"\xef\xbb\xbf \t\r\n")
-    lower = head[:4096].lower()
-    if lower.startswith(b"<svg") or (lower.startswith(b"<?xml") and b"<svg" in lower):
-        return "SVG"
-    if lower.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
-        return "HTML"
-    if lower.startswith(b"<?xml") or lower.startswith(b"<"):
-        return "XML/markup text"
-    if head.startswith(b"%PDF"):
-        return "PDF"
-    if head[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftyphevc"):
-        return "HEIC/HEIF (not supported)"
-    if head.startswith((b"{", b"[")):
-        return "text (looks like JSON)"
-    try:
-        text = head[:512].decode("utf-8")
-    except UnicodeDecodeError:
-        text = None
-    if text is not None and "\x00" not in text:
-        return f"text ({short_ref(text.strip(), 40)!r})"
-    return f"unrecognised binary data (starts with {data[:8].hex(' ')})"
-
-
 def _raster_formats() -> tuple[str, ...]:
     # Restricting Image.open to raster plugins keeps e.g. EPS (which runs Ghostscript) and the
     # exotic scientific formats away from untrusted bytes.
@@ -321,8 +308,44 @@ def _raster_formats() -> tuple[str, ...]:
     return tuple(f for f in _WANTED_FORMATS if f in Image.OPEN)
 
 
-def _open_checked(src: _Source, policy: MediaPolicy) -> Image.Image:
-    """Open the header, refuse non-images and oversize images; no pixel is decoded yet."""
+def _check_size(source: str, width: int, height: int, policy: MediaPolicy) -> None:
+    if width * height > policy.max_pixels:
+        raise ImageTooLargeError(
+            f"{source} is {width}x{height} = {width * height} pixels, over the limit "
+            f"max_pixels={policy.max_pixels}; downscale it before sending"
+        )
+    if policy.max_side is not None and max(width, height) > policy.max_side:
+        raise ImageTooLargeError(
+            f"{source} is {width}x{height}, its longer side is over max_side={policy.max_side}"
+        )
+
+
+def _draftable(im: Image.Image) -> bool:
+    """Whether PIL can decode ``im`` at a reduced DCT scale (baseline/progressive JPEG)."""
+    return im.format in ("JPEG", "MPO") and len(getattr(im, "tile", ())) == 1
+
+
+def _scaled(width: int, height: int, scale: int) -> tuple[int, int]:
+    """The size libjpeg gives at 1/``scale`` (rounded up, as PIL's JpegImageFile.draft)."""
+    return -(-width // scale), -(-height // scale)
+
+
+def _cap_scale(im: Image.Image, policy: MediaPolicy) -> int | None:
+    """The smallest DCT scale (1 for any format within the caps) at which ``im`` fits the
+    pixel caps, or ``None``."""
+    for scale in _JPEG_SCALES if _draftable(im) else (1,):
+        width, height = _scaled(*im.size, scale)
+        side_ok = policy.max_side is None or max(width, height) <= policy.max_side
+        if side_ok and width * height <= policy.max_pixels:
+            return scale
+    return None
+
+
+def _open_checked(src: _Source, policy: MediaPolicy, *, reducible: bool = False) -> Image.Image:
+    """Open the header, refuse non-images and oversize images; no pixel is decoded yet.
+
+    ``reducible``: let a JPEG over the pixel caps through when a reduced (1/2..1/8) decode of it
+    fits them; the caller must then decode it at that scale (see :func:`plan_decode`)."""
     data = src.data
     if not data:
         raise ImageDecodeError(f"{src.source} is empty (zero bytes); send a PNG/JPEG/WebP/GIF")
@@ -341,7 +364,7 @@ def _open_checked(src: _Source, policy: MediaPolicy) -> Image.Image:
             f"({e}); max_pixels={policy.max_pixels}"
         ) from e
     except UnidentifiedImageError as e:
-        found = _describe_content(data)
+        found = describe_content(data)
         if found == "SVG":
             raise ImageDecodeError(
                 f"{src.source}{served}: SVG is not supported; send PNG/JPEG/WebP/GIF"
@@ -355,15 +378,9 @@ def _open_checked(src: _Source, policy: MediaPolicy) -> Image.Image:
     width, height = im.size
     if width < 1 or height < 1:
         raise ImageDecodeError(f"{src.source} has an empty {width}x{height} size")
-    if width * height > policy.max_pixels:
-        raise ImageTooLargeError(
-            f"{src.source} is {width}x{height} = {width * height} pixels, over the limit "
-            f"max_pixels={policy.max_pixels}; downscale it before sending"
-        )
-    if policy.max_side is not None and max(width, height) > policy.max_side:
-        raise ImageTooLargeError(
-            f"{src.source} is {width}x{height}, its longer side is over max_side={policy.max_side}"
-        )
+    if reducible and _cap_scale(im, policy) is not None:
+        return im
+    _check_size(src.source, width, height, policy)
     return im
 
 
@@ -419,11 +436,16 @@ def _high_depth_to_l(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
 
 
-def _decode(src: _Source, policy: MediaPolicy) -> ImageData:
-    im = _open_checked(src, policy)
+def _decode(src: _Source, policy: MediaPolicy, scale: int = 1) -> ImageData:
+    im = _open_checked(src, policy, reducible=scale > 1)
     fmt = im.format or "unknown"
     try:
         im.seek(0)  # the first frame of an animation; the header was checked already
+        if scale > 1 and _draftable(im):
+            # Reduced decode: libjpeg skips most of the IDCT and never allocates the full raster.
+            width, height = im.size
+            im.draft(None, (max(1, width // scale), max(1, height // scale)))
+        _check_size(src.source, *im.size, policy)  # what is decoded must fit the caps
         im.load()
         # in_place: otherwise a full copy of the pixels even when nothing rotates (36 MB at 12 MP)
         ImageOps.exif_transpose(im, in_place=True)
@@ -495,10 +517,92 @@ def read_image_bytes(
     return ImageBytes(src.data, src.source, hashlib.sha256(src.data).hexdigest())
 
 
-def decode_image(image: ImageBytes, policy: MediaPolicy | None = None) -> ImageData:
+def decode_image(
+    image: ImageBytes, policy: MediaPolicy | None = None, plan: DecodePlan | None = None
+) -> ImageData:
     """Decode bytes from :func:`read_image_bytes` (pixel cap from the header first, EXIF
-    orientation, first frame, RGB). Raises the decode errors of :func:`load_image`."""
-    return _decode(_Source(image.data, image.source), policy or MediaPolicy())
+    orientation, first frame, RGB). Raises the decode errors of :func:`load_image`.
+
+    With a ``plan`` from :func:`plan_decode`, a JPEG is decoded at the plan's reduced scale; the
+    returned :class:`ImageData` then has the reduced size, as if that smaller image had been sent.
+    """
+    scale = plan.scale if plan is not None else 1
+    return _decode(_Source(image.data, image.source), policy or MediaPolicy(), scale)
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How :func:`decode_image` will decode an image, and what it will allocate, from its header.
+
+    ``size`` is the source's and ``decoded_size`` what decoding returns (both after EXIF
+    orientation); ``scale`` is 1 or the JPEG DCT scale (2, 4, 8). ``decode_bytes`` is the peak
+    of decoding (the raster in its own mode, the RGB(A) conversions, EXIF rotation) and
+    ``image_bytes`` the RGB image returned (PIL keeps RGB at 4 bytes per pixel).
+    """
+
+    size: tuple[int, int]
+    decoded_size: tuple[int, int]
+    scale: int
+    format: str
+    mode: str
+    decode_bytes: int
+    image_bytes: int
+
+
+def _decode_bytes_per_pixel(im: Image.Image) -> int:
+    mode = im.mode
+    native = _PIL_PIXEL_BYTES.get(mode, 4)
+    if mode == "RGB" and "transparency" not in im.info:
+        total = native  # _to_rgb returns the decoded image itself
+    else:
+        total = native + _RGB_PIXEL_BYTES
+        if "A" in im.getbands() or "a" in im.getbands() or "transparency" in im.info:
+            total += 4  # the RGBA image composited over white
+        if mode.startswith("I;16") or mode in ("I", "F"):
+            total += 9  # _high_depth_to_l: a float64 array and the 8-bit result
+    if _header_orientation(im) != 1:
+        total += native  # exif_transpose builds the turned raster beside the original
+    return total
+
+
+def plan_decode(
+    image: ImageBytes,
+    policy: MediaPolicy | None = None,
+    *,
+    reduce_ok: Callable[[tuple[int, int], tuple[int, int]], bool] | None = None,
+) -> DecodePlan:
+    """Read the header of ``image`` and plan its decoding, without decoding a pixel.
+
+    A JPEG over the policy's pixel caps is planned at the smallest DCT scale (1/2, 1/4, 1/8)
+    that fits them instead of being refused. ``reduce_ok(size, reduced_size)`` (oriented
+    (width, height) pairs) says whether a reduced decode serves the caller as well as the full
+    image (the model downscales further with the same result); JPEGs get the largest such scale.
+
+    Raises:
+        ImageTooLargeError: over the caps with no reduced decode that fits.
+        ImageDecodeError: not a supported image (as :func:`decode_image`).
+    """
+    policy = policy or MediaPolicy()
+    im = _open_checked(_Source(image.data, image.source), policy, reducible=True)
+    turn = _header_orientation(im) in _ROTATING_ORIENTATIONS
+    size = (im.height, im.width) if turn else im.size
+    scale = _cap_scale(im, policy) or 1
+    if reduce_ok is not None and _draftable(im):
+        for larger in (s for s in reversed(_JPEG_SCALES) if s > scale and min(im.size) >= s):
+            width, height = _scaled(*im.size, larger)
+            if reduce_ok(size, (height, width) if turn else (width, height)):
+                scale = larger
+                break
+    width, height = _scaled(*im.size, scale)
+    return DecodePlan(
+        size=size,
+        decoded_size=(height, width) if turn else (width, height),
+        scale=scale,
+        format=im.format or "unknown",
+        mode=im.mode,
+        decode_bytes=width * height * _decode_bytes_per_pixel(im),
+        image_bytes=width * height * _RGB_PIXEL_BYTES,
+    )
 
 
 def probe_image(

@@ -91,6 +91,31 @@ def short_ref(text: str, limit: int = 120) -> str:
     return f"{text[:limit]}...({len(text)} chars)"
 
 
+def describe_content(data: bytes) -> str:
+    """A short human description of bytes PIL could not open ("SVG", "HTML", "text", ...)."""
+    head = data[:4096].lstrip(b"\xef\xbb\xbf \t\r\n")
+    lower = head[:4096].lower()
+    if lower.startswith(b"<svg") or (lower.startswith(b"<?xml") and b"<svg" in lower):
+        return "SVG"
+    if lower.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
+        return "HTML"
+    if lower.startswith(b"<?xml") or lower.startswith(b"<"):
+        return "XML/markup text"
+    if head.startswith(b"%PDF"):
+        return "PDF"
+    if head[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftyphevc"):
+        return "HEIC/HEIF (not supported)"
+    if head.startswith((b"{", b"[")):
+        return "text (looks like JSON)"
+    try:
+        text = head[:512].decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and "\x00" not in text:
+        return f"text ({short_ref(text.strip(), 40)!r})"
+    return f"unrecognised binary data (starts with {data[:8].hex(' ')})"
+
+
 def parse_ipv4_literal(host: str) -> ipaddress.IPv4Address | None:
     """Parse a host that is an IPv4 address in any legacy spelling, else return ``None``.
 

@@ -103,7 +103,22 @@ def serve(
     data_parallel_size: Annotated[int | None, typer.Option("--data-parallel-size", "-dp", help="hf engine: copies of the model decoding side by side, each in its own process (on a CPU: up to one per core).")] = None,
     max_images: Annotated[int | None, typer.Option(help="Images per request.")] = None,
     max_image_bytes: Annotated[str | None, typer.Option(help="Per-image byte cap, e.g. 20MiB.")] = None,
-    max_image_pixels: Annotated[int | None, typer.Option(help="Per-image pixel cap.")] = None,
+    max_image_pixels: Annotated[int | None, typer.Option(
+        help="Per-image pixel cap (default: 4x the family's largest canvas, at least 4096x4096; "
+        "JPEGs over it are decoded at 1/2-1/8 scale).")] = None,
+    image_memory_budget: Annotated[str | None, typer.Option(
+        help="Memory for the decoded images of all requests in flight, e.g. 2GiB (default); "
+        "a request needing more gets 413, one that does not fit now 429.")] = None,
+    fetch_workers: Annotated[int | None, typer.Option(
+        help="Threads downloading image URLs (default 32).")] = None,
+    fetch_per_host: Annotated[int | None, typer.Option(
+        help="Image downloads at once from one host (default 8).")] = None,
+    http_header_timeout: Annotated[float | None, typer.Option(
+        help="Seconds a client has to send a request's headers (default 10).")] = None,
+    http_body_timeout: Annotated[float | None, typer.Option(
+        help="Seconds a client has to send a request's body (default 60).")] = None,
+    http_max_header_bytes: Annotated[str | None, typer.Option(
+        help="Largest request line + headers, e.g. 32KiB (default; 431 over it).")] = None,
     max_concurrency: Annotated[int | None, typer.Option(help="Requests in the engine at once.")] = None,
     max_queue: Annotated[int | None, typer.Option(help="Requests waiting beyond that (then 429).")] = None,
     request_timeout: Annotated[float | None, typer.Option(help="Seconds per request (then 504).")] = None,
@@ -135,6 +150,10 @@ def serve(
         response_cache_entries=response_cache, processor_options=parse_options(opt) or None,
         preprocess_mode=preprocess_mode, preprocess_workers=preprocess_workers,
         auth_stats=auth_stats, max_request_bytes=max_request_bytes,
+        image_memory_budget=image_memory_budget, fetch_workers=fetch_workers,
+        fetch_per_host=fetch_per_host,
+        http_header_timeout_s=http_header_timeout, http_body_timeout_s=http_body_timeout,
+        http_max_header_bytes=http_max_header_bytes,
     )  # fmt: skip
     chosen = with_quantization({}, quantization, load_in_4bit, load_in_8bit)
     if chosen:  # every engine of the chain, whatever extra each one has from the config file
@@ -142,7 +161,12 @@ def serve(
         settings = dataclasses.replace(settings, engines=engines)
     logging.getLogger("vlmlab").setLevel(log_level.upper())
     console.print(f"[bold]vlmlab serve[/bold] {settings.model_name} on http://{settings.host}:{settings.port}/v1")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level.lower())
+    from vlmlab.server.http_limits import uvicorn_options
+
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_level=log_level.lower(),
+        **uvicorn_options(settings),  # header/body deadlines and the header-size limit
+    )  # fmt: skip
 
 
 @app.command("test-model")

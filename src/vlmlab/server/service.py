@@ -1,28 +1,39 @@
 """The work behind the routes: validate, load images off the loop, admit, generate, cache, count.
 
 Order of work for a chat request (cheap checks first, so bad input never costs a decode):
-parse -> image count -> fetch bytes (thread pool) -> content hash -> preprocessing-cache lookup ->
-decode on a miss (thread pool) -> response-cache lookup -> admission (429 when full) ->
-engine (which checks the context with the family rule before preprocessing) -> usage and metrics.
+parse -> image count -> fetch bytes (http(s): fetch threads, per-host limit; inline: media
+threads) -> content hash -> preprocessing-cache lookup -> header plan -> image-memory admission
+(413 over the whole budget, 429 when it is full now) -> decode on a miss (media threads) ->
+response-cache lookup -> admission (429 when full) -> engine (which checks the context with the
+family rule before preprocessing) -> usage and metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from vlmlab.cache import LRUCache, content_key
 from vlmlab.config import ServerSettings
 from vlmlab.engines import Engine, GenerationRequest, PromptCount
-from vlmlab.media import MediaPolicy, decode_image, read_image_bytes
+from vlmlab.media import (
+    DecodePlan,
+    ImageBytes,
+    MediaPolicy,
+    decode_image,
+    plan_decode,
+    read_image_bytes,
+)
 from vlmlab.protocol.core import (
     Chat,
     GenerationChunk,
@@ -42,21 +53,63 @@ from vlmlab.protocol.errors import (
     VlmlabError,
 )
 from vlmlab.protocol.openai import ChatCompletionRequest
+from vlmlab.server.admission import (
+    HostSlots,
+    ImageCosts,
+    ImageHold,
+    ImageMemoryBudget,
+    Reservation,
+    default_pixel_cap,
+)
 from vlmlab.server.engines import EngineChain
 from vlmlab.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
 
-def media_policy(settings: ServerSettings) -> MediaPolicy:
+def media_policy(settings: ServerSettings, default_max_pixels: int | None = None) -> MediaPolicy:
+    """The media rules of ``settings``; ``default_max_pixels`` applies where they set no pixel
+    cap (the served family's, see :func:`vlmlab.server.admission.default_pixel_cap`)."""
     root = settings.allowed_local_media_path
+    max_pixels = settings.max_image_pixels or default_max_pixels or default_pixel_cap(None)
     return MediaPolicy(
         allowed_local_root=Path(root) if root else None,
         allowed_domains=frozenset(settings.allowed_media_domains) if settings.allowed_media_domains is not None else None,
         trusted_hosts=frozenset(settings.trusted_media_hosts),
         max_bytes=settings.max_image_bytes,
-        max_pixels=settings.max_image_pixels,
+        max_pixels=max_pixels,
     )
+
+
+@dataclass
+class _Read:
+    """One image after the cheap work: its bytes read and hashed, the preprocessing cache asked
+    (``cached``) and, on a miss, its header planned and its memory cost estimated."""
+
+    raw: ImageBytes
+    stages: dict[str, float] = field(default_factory=dict)
+    cached: ImageData | None = None
+    plan: DecodePlan | None = None
+    cost: int = 0
+
+
+def fetch_host(ref: str | None) -> str | None:
+    """The host an ``http(s)://`` image reference is fetched from; ``None`` for inline data and
+    files ("" for a URL whose host does not parse: the fetch itself reports it)."""
+    text = (ref or "").lstrip()
+    if not text[:8].lower().startswith(("http://", "https://")):
+        return None
+    try:
+        return (urlsplit(text).hostname or "").lower()
+    except ValueError:
+        return ""
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., Any], *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # the loop is closed: the server is gone, and its slots with it
+        pass
 
 
 async def _before(deadline: float, awaitable: Any, limit_s: float) -> Any:
@@ -85,8 +138,15 @@ class ChatService:
         self.settings = settings
         self.chain = chain
         self.metrics = ServerMetrics(settings.model_name)
-        self.policy = media_policy(settings)
+        self._costs: dict[str | None, ImageCosts] = {}
+        first = self._image_costs(chain.engine) if chain.engine is not None else ImageCosts(None)
+        self.policy = media_policy(settings, default_pixel_cap(first.family, first.defaults))
+        self.image_budget = ImageMemoryBudget(settings.image_memory_budget)
+        # Decoding and fetching in separate pools: threads waiting on slow hosts must never
+        # keep inline images from being decoded.
         self.media_pool = ThreadPoolExecutor(settings.media_workers, thread_name_prefix="vlmlab-media")
+        self.fetch_pool = ThreadPoolExecutor(settings.fetch_workers, "vlmlab-fetch")
+        self.fetch_slots = HostSlots(settings.fetch_per_host)
         self._preprocess_pool: Any = None  # PreprocessPool, started by the first large image
         self._pool_lock = threading.Lock()
         self.responses: LRUCache[GenerationResult] = LRUCache(settings.response_cache_entries, name="response")
@@ -147,44 +207,135 @@ class ChatService:
         return min(self.settings.max_images or engine_limit, engine_limit)
 
     async def load_images(
-        self, chat: Chat, options: Mapping[str, Any], mode: str = "exact", stages: dict[str, float] | None = None
+        self,
+        chat: Chat,
+        options: Mapping[str, Any],
+        mode: str = "exact",
+        stages: dict[str, float] | None = None,
+        hold: ImageHold | None = None,
     ) -> Chat:
-        """Fetch (and, on a preprocessing-cache miss, decode or preprocess) every image, in the
-        worker threads (and processes); seconds per stage are summed into ``stages``."""
+        """Every image of ``chat`` loaded, cheap work first: read (http(s) in the fetch threads,
+        at most ``fetch_per_host`` at once per host; inline data and files in the media threads)
+        and hashed, looked up in the preprocessing cache, the misses planned from their headers
+        and admitted together against the image-memory budget (413 over all of it, 429 when it
+        is full now), then decoded or preprocessed in the media threads (and processes).
+
+        Seconds per stage are summed into ``stages``. The admitted memory joins ``hold``, which
+        the caller releases when the request ends (the decoded images live that long); without
+        one it is released on return.
+        """
         if not chat.images:
             return chat
-        loop = asyncio.get_running_loop()
         engine = self.chain.current()
-        refs = [p.ref for p in chat.images]
-        results = await asyncio.gather(
-            *[loop.run_in_executor(self.media_pool, self._load_one, engine, ref, options, mode) for ref in refs]
-        )
-        for _, spent in results:
+        own = hold if hold is not None else ImageHold()
+        try:
+            reading = [self._read(engine, part.ref, options, mode) for part in chat.images]
+            reads = await asyncio.gather(*reading)
+            misses = [read for read in reads if read.cached is None]
+            reservation = self.image_budget.reserve([r.cost for r in misses]) if misses else None
+            if reservation is not None:
+                own.add(reservation)
+            decoding = []
+            for read in misses:
+                args = (engine, read, options, mode, reservation)
+                work = self.media_pool.submit(self._decode_one, *args)
+                own.track(work)  # memory in use until the thread is done, even if we give up
+                decoding.append(asyncio.wrap_future(work))
+            decoded = iter(await asyncio.gather(*decoding))
+        finally:
+            if hold is None:
+                own.release()
+        loaded = [(r.cached, r.stages) if r.cached is not None else next(decoded) for r in reads]
+        for _, spent in loaded:
             for stage, seconds in spent.items():
                 if stages is not None:
                     stages[stage] = stages.get(stage, 0.0) + seconds
-        it = iter(data for data, _ in results)
+        it = iter(data for data, _ in loaded)
         messages = []
         for message in chat.messages:
             parts = tuple(ImagePart(ref=p.ref, data=next(it)) if isinstance(p, ImagePart) else p for p in message.content)
             messages.append(Message(message.role, parts))
         return Chat(tuple(messages))
 
-    def _load_one(
-        self, engine: Engine, ref: str | None, options: Mapping[str, Any], mode: str = "exact"
-    ) -> tuple[ImageData, dict[str, float]]:
-        """One image and the seconds its stages took (also observed in the metrics)."""
+    def image_memory_stats(self) -> dict[str, Any]:
+        """Image-memory admission, for ``/stats``: the budget and the bytes in use (estimated
+        from headers) now and at peak, images in flight and admitted, refusals (413 too large,
+        429 busy), the per-image pixel cap, and image fetches running or waiting per host."""
+        return {
+            **self.image_budget.stats(),
+            "max_image_pixels": self.policy.max_pixels,
+            "fetches_per_host": self.fetch_slots.busy(),
+        }
+
+    def _image_costs(self, engine: Engine) -> ImageCosts:
+        """The memory estimates for ``engine``'s family (kept per family: a fallback engine may
+        serve another)."""
+        name = engine.info().family
+        costs = self._costs.get(name)
+        if costs is None:
+            from vlmlab.families import get_family
+
+            try:
+                family = get_family(name) if name else None
+            except VlmlabError:
+                family = None
+            spec = self.chain.spec if self.chain.engine is engine else None
+            costs = self._costs[name] = ImageCosts(family, spec.processor_options if spec else None)
+        return costs
+
+    async def _read(
+        self, engine: Engine, ref: str | None, options: Mapping[str, Any], mode: str
+    ) -> _Read:
+        """:meth:`_read_one` in the thread pool that suits ``ref``."""
+        work = functools.partial(self._read_one, engine, ref or "", options, mode)
+        host = fetch_host(ref)
+        if host is None:
+            return await asyncio.wrap_future(self.media_pool.submit(work))
+        loop = asyncio.get_running_loop()
+        await self.fetch_slots.acquire(host)  # waits here, on the loop, not in a fetch thread
+        try:
+            future = self.fetch_pool.submit(work)
+        except BaseException:
+            self.fetch_slots.release(host)
+            raise
+        # The host's slot is held until the fetch thread is done, also when the request ends first.
+        future.add_done_callback(lambda _: _call_soon(loop, self.fetch_slots.release, host))
+        return await asyncio.wrap_future(future)
+
+    def _read_one(self, engine: Engine, ref: str, options: Mapping[str, Any], mode: str) -> _Read:
+        """One image's bytes, hash and cache lookup, and on a miss its decode plan and cost."""
         start = time.perf_counter()
-        raw = read_image_bytes(ref or "", self.policy)
-        fetched = time.perf_counter()
-        stages = {"fetch": fetched - start}
-        self.metrics.observe_stage("fetch", stages["fetch"])
+        raw = read_image_bytes(ref, self.policy)
+        read = _Read(raw, {"fetch": time.perf_counter() - start})
+        self.metrics.observe_stage("fetch", read.stages["fetch"])
         processed = engine.lookup_processed(raw.sha256, options, mode)
         self.metrics.observe_cache("mm", processed is not None)
         if processed is not None:
-            data = ImageData(None, processed.width, processed.height, "cached", raw.sha256, len(raw.data), raw.source, processed)
-            return data, stages
-        task = engine.pool_task(options, mode) if len(raw.data) >= self.settings.preprocess_pool_min_bytes else None
+            facts = (raw.sha256, len(raw.data), raw.source, processed)
+            read.cached = ImageData(None, processed.width, processed.height, "cached", *facts)
+            return read
+        costs = self._image_costs(engine)
+        read.plan = plan_decode(raw, self.policy, reduce_ok=costs.reduce_rule(options, mode))
+        read.cost = costs.cost(read.plan, options)
+        return read
+
+    def _decode_one(
+        self,
+        engine: Engine,
+        read: _Read,
+        options: Mapping[str, Any],
+        mode: str,
+        reservation: Reservation | None,
+    ) -> tuple[ImageData, dict[str, float]]:
+        """Decode (or preprocess, in a worker process) one admitted image; the seconds its stages
+        took (also observed in the metrics)."""
+        raw, plan, stages = read.raw, read.plan, dict(read.stages)
+        assert plan is not None
+        start = time.perf_counter()
+        # A JPEG over the pixel cap is decoded reduced, here: the workers refuse it whole.
+        within_cap = plan.size[0] * plan.size[1] <= self.policy.max_pixels
+        large = len(raw.data) >= self.settings.preprocess_pool_min_bytes
+        task = engine.pool_task(options, mode) if large and within_cap else None
         pool = self._pool() if task is not None else None
         if pool is not None and task is not None:
             # Decode + preprocess from the bytes in a worker process (this thread just waits);
@@ -203,11 +354,13 @@ class ChatService:
                 for stage, seconds in pre.stages.items():
                     self.metrics.observe_stage(stage, seconds)
                     stages[stage] = seconds
+                if reservation is not None:  # the raster stayed in the worker: only tensors remain
+                    reservation.shrink(read.cost - pre.nbytes)
                 adopted = engine.adopt_preprocessed(raw.sha256, options, mode, pre)
                 width, height = pre.size
                 return ImageData(None, width, height, "preprocessed", raw.sha256, len(raw.data), raw.source, adopted), stages
-        data = decode_image(raw, self.policy)
-        stages["decode"] = time.perf_counter() - fetched
+        data = decode_image(raw, self.policy, plan)
+        stages["decode"] = time.perf_counter() - start
         self.metrics.observe_stage("decode", stages["decode"])
         return data, stages
 
@@ -232,10 +385,12 @@ class ChatService:
         deadline = start + self.settings.request_timeout_s
         chat, sampling, options, mode = self.parse(body)
         self._admit()
+        images = ImageHold()  # the decoded images' memory, given back when the request ends
         try:
             pre = time.perf_counter()
             media_stages: dict[str, float] = {}
-            chat = await _before(deadline, self.load_images(chat, options, mode, media_stages), self.settings.request_timeout_s)
+            loading = self.load_images(chat, options, mode, media_stages, images)
+            chat = await _before(deadline, loading, self.settings.request_timeout_s)
             media_s = time.perf_counter() - pre
             key = self.response_key(chat, sampling, {**options, "preprocess_mode": mode})
             if key is not None:
@@ -266,6 +421,7 @@ class ChatService:
             finally:
                 await items.aclose()
         finally:
+            images.release()
             self.active -= 1
 
     def _admit(self) -> None:
@@ -362,6 +518,7 @@ class ChatService:
 
     def close(self) -> None:
         self.media_pool.shutdown(wait=False, cancel_futures=True)
+        self.fetch_pool.shutdown(wait=False, cancel_futures=True)
         if self._preprocess_pool is not None:
             self._preprocess_pool.shutdown(wait=False, cancel_futures=True)
         self.chain.close()
