@@ -21,6 +21,7 @@ from vlmlab.cache import LRUCache
 from vlmlab.config import EngineSpec
 from vlmlab.engines.base import Capabilities, Engine, EngineInfo, GenerationRequest, PromptCount
 from vlmlab.engines.hf_preprocess import RequestPreprocessor
+from vlmlab.engines.hf_prompt import PromptEncoder
 from vlmlab.engines.quantization import hf_quantization
 from vlmlab.families import Family, get_family
 from vlmlab.protocol.core import Chat, GenerationChunk, GenerationResult, ImagePart, TextPart, Timings
@@ -172,12 +173,15 @@ def _fast_decode(tokenizer: Any) -> Callable[[list[int]], str]:
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def to_hf_messages(chat: Chat) -> list[dict[str, Any]]:
-    """Core chat -> the list-of-parts messages that processors' chat templates accept."""
+def to_hf_messages(chat: Chat, mark: Callable[[str], str] | None = None) -> list[dict[str, Any]]:
+    """Core chat -> the list-of-parts messages that processors' chat templates accept; ``mark``
+    (:meth:`~vlmlab.engines.hf_prompt.PromptEncoder.mark`) applied to each text."""
     out = []
     for message in chat.messages:
         parts = [
-            {"type": "image"} if isinstance(p, ImagePart) else {"type": "text", "text": p.text}
+            {"type": "image"}
+            if isinstance(p, ImagePart)
+            else {"type": "text", "text": mark(p.text) if mark else p.text}
             for p in message.content
         ]
         out.append({"role": message.role, "content": parts})
@@ -220,9 +224,10 @@ class HFEngine(Engine):
         )
         # extra["preprocess"]: "vlmlab" (default) uses vlmlab.preprocess where the family supports
         # it (proven equal to the model's processor by tests); "hf" always uses the model's own.
+        self.prompts = self._prompt_encoder(processor, family)
         self.preprocessor = RequestPreprocessor(
             processor, self.tokenizer, family, model_id, self.preprocess_cache, spec.processor_options,
-            own_images=spec.extra.get("preprocess", "vlmlab") == "vlmlab",
+            own_images=spec.extra.get("preprocess", "vlmlab") == "vlmlab", prompts=self.prompts,
         )
         if family is not None:
             self.preprocessor.placeholder = self._template_placeholder(family)
@@ -378,8 +383,21 @@ class HFEngine(Engine):
             return family.image_placeholder
         return token if family.image_placeholder not in probe and token in probe else family.image_placeholder
 
+    def _prompt_encoder(self, processor: Any, family: Family | None) -> PromptEncoder:
+        """User text as text (:mod:`vlmlab.engines.hf_prompt`). Controls: the tokenizer's special
+        tokens and the strings this template may write for an image (the family's placeholder,
+        or the processor's image token, see _template_placeholder)."""
+        # The processor's own tokens (image, video, break, ...) are never a stand-in for text.
+        own = [v for k, v in vars(processor).items() if k.endswith("_token") and isinstance(v, str)]
+        image_token = getattr(processor, "image_token", None)
+        placeholders = [family.image_placeholder if family else ""]
+        placeholders.append(image_token if isinstance(image_token, str) else "")
+        return PromptEncoder(self.tokenizer, placeholders, keep=own)
+
     def render(self, chat: Chat) -> str:
-        messages = to_hf_messages(chat)
+        """The prompt as the chat template writes it, with each control string from the chat's
+        text wrapped in markers (:mod:`vlmlab.engines.hf_prompt`); text without one, as it is."""
+        messages = to_hf_messages(chat, self.prompts.mark)
         template_owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
         return template_owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
@@ -397,7 +415,7 @@ class HFEngine(Engine):
         image's expansion by the family rule."""
         self._check_images(chat)
         prompt = self.render(chat) if prompt is None else prompt
-        text_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        text_ids = self.prompts.encode(prompt)
         images = [img.data for img in chat.images]  # type: ignore[union-attr]
         if self.family is None:
             return self._count_with_processor(prompt, images, processor_options or {})
@@ -411,7 +429,7 @@ class HFEngine(Engine):
     def _count_with_processor(self, prompt: str, images: list[Any], options: Mapping[str, Any]) -> PromptCount:
         inputs = self.preprocessor(prompt, images, options).inputs
         total = int(inputs["input_ids"].shape[1])
-        text = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        text = len(self.prompts.encode(prompt))
         return PromptCount(total, max(0, total - text))
 
     def lookup_processed(
@@ -577,7 +595,7 @@ class HFEngine(Engine):
         expanded = int(inputs["input_ids"].shape[1])
         if self.family is None:
             return count.image_tokens
-        text = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        text = len(self.prompts.encode(prompt))
         placeholder = len(self.tokenizer(self.preprocessor.placeholder, add_special_tokens=False)["input_ids"])
         actual = expanded - text + placeholder * n_images
         if actual != count.image_tokens:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from vlmlab.cache import LRUCache, content_key
+from vlmlab.engines.hf_prompt import PromptEncoder
 from vlmlab.families import Family
 from vlmlab.protocol.core import ImageData
 from vlmlab.protocol.errors import BadRequestError, EngineError
@@ -87,9 +88,14 @@ def tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
 class RequestPreprocessor:
     """Turns (prompt text with placeholders, images) into model inputs for one request."""
 
-    def __init__(self, processor: Any, tokenizer: Any, family: Family | None, model_id: str, cache: LRUCache[ProcessedImage], defaults: Mapping[str, Any], own_images: bool = False):
+    def __init__(
+        self, processor: Any, tokenizer: Any, family: Family | None, model_id: str,
+        cache: LRUCache[ProcessedImage], defaults: Mapping[str, Any], own_images: bool = False,
+        prompts: PromptEncoder | None = None,
+    ):  # fmt: skip
         """``own_images``: process images with :mod:`vlmlab.preprocess` (proven equal to the HF
-        processor, faster) where the family can expand its placeholder itself."""
+        processor, faster) where the family can expand its placeholder itself. ``prompts``: how
+        prompts (user text marked in them, :mod:`vlmlab.engines.hf_prompt`) become ids."""
         self.own_images = bool(own_images and family is not None and family.expand_placeholder is not None)
         # Families whose images change when they share a prompt (LLaVA-OneVision: base view only)
         # say so with a ``multi_image`` option; vlmlab.preprocess makes that variant too.
@@ -104,6 +110,7 @@ class RequestPreprocessor:
         # The text one image takes in this checkpoint's rendered prompt: the family's, unless
         # the checkpoint's template writes the processor's own token instead (see HFEngine).
         self.placeholder = family.image_placeholder if family is not None else ""
+        self.prompts = prompts or PromptEncoder(tokenizer, [self.placeholder])
         # vlmlab.preprocess outputs the processor keeps to itself (InternVL's num_patches)
         self._not_model_inputs: set[str] = set()
 
@@ -150,8 +157,40 @@ class RequestPreprocessor:
         if any(d.image is None for d in images):
             raise EngineError("an image arrived without pixels for a model that cannot use cached images")
         start = time.perf_counter()
-        inputs = self._run(prompt, [d.image for d in images], options)
+        inputs = self._run_prompt(prompt, [d.image for d in images], options)
         return Prepared(inputs, 0, {"processor": time.perf_counter() - start})
+
+    def _run_prompt(
+        self, prompt: str, images: list[Any], options: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """The processor on a whole prompt. Runs of user text with control strings reach it as
+        one stand-in token each (it would expand a placeholder in them, and tokenize their
+        special strings as controls), swapped for the runs' ids afterwards."""
+        text, stand_in, runs = self.prompts.for_processor(prompt)
+        inputs = self._run(text, images, options)
+        if stand_in is None:
+            return inputs
+        ids = inputs["input_ids"][0].tolist()
+        at = [i for i, token in enumerate(ids) if token == stand_in]
+        if len(at) != len(runs):
+            raise EngineError(f"the processor kept {len(at)} of the {len(runs)} runs of user text")
+        image_processor = getattr(self.processor, "image_processor", None)
+        image_keys = set(getattr(image_processor, "model_input_names", ()))
+        for name, value in list(inputs.items()):
+            if name != "input_ids" and (name in image_keys or not token_aligned(value, len(ids))):
+                continue
+            pieces: list[torch.Tensor] = []
+            start = 0
+            for position, run in zip(at, runs):
+                if name == "input_ids":
+                    fill = torch.tensor([run], dtype=value.dtype)
+                else:  # attended; text (0) in per-token tensors such as mm_token_type_ids
+                    mask = int(name == "attention_mask")
+                    fill = torch.full((1, len(run)), mask, dtype=value.dtype)
+                pieces += [value[:, start:position], fill]
+                start = position + 1
+            inputs[name] = torch.cat([*pieces, value[:, start:]], dim=1)
+        return inputs
 
     def _run(self, text: str, images: list[Any], options: Mapping[str, Any]) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt", "add_special_tokens": False}
@@ -171,7 +210,8 @@ class RequestPreprocessor:
     def _spliced(self, prompt: str, images: Sequence[ImageData], options: Mapping[str, Any], mode: str = "exact") -> Prepared:
         assert self.family is not None
         placeholder = self.placeholder
-        pieces = prompt.split(placeholder)
+        # The template's placeholders only: one in the user's text is text (hf_prompt).
+        pieces = self.prompts.encode_between(prompt, placeholder)
         if len(pieces) != len(images) + 1:
             raise EngineError(
                 f"the chat template emitted {len(pieces) - 1} {placeholder!r} placeholders for {len(images)} images"
@@ -181,8 +221,7 @@ class RequestPreprocessor:
         tensors: dict[str, list[torch.Tensor]] = {}
         token_tensors: dict[str, list[tuple[int, torch.Tensor]]] = {}  # (offset in ids, values)
         for index, piece in enumerate(pieces):
-            if piece:
-                ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+            ids += piece
             if index == len(images):
                 break
             image = self._image(images[index], options, prepared, mode)
