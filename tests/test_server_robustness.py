@@ -355,3 +355,28 @@ def test_an_image_nano_cannot_take_gets_advice_nano_accepts(server) -> None:
     message = reply.json()["error"]["message"]
     assert "variant" not in message and "short side is at least 105 px" in message
     still_serving(server.url)
+
+
+# -- memory: every cache bounded in bytes and shown in /stats -----------------------------------
+
+
+def test_the_response_cache_is_bounded_in_bytes_and_entries() -> None:
+    from vlmlab.cache import LRUCache
+
+    cache: LRUCache[str] = LRUCache(100, sizeof=len, max_entries=3)
+    for key in "abcd":
+        cache.put(key, "x" * 10)
+    assert cache.stats.entries == 3 and "a" not in cache  # the entry bound
+    cache.put("big", "y" * 90)
+    assert cache.stats.size <= 100 and "big" in cache  # the byte bound evicts the oldest
+    assert not LRUCache(100, max_entries=0).enabled
+
+
+def test_stats_show_every_cache_and_the_image_memory_budget(server) -> None:
+    httpx.post(f"{server.url}/v1/chat/completions", json=good_body(), timeout=60)
+    stats = httpx.get(f"{server.url}/stats").json()
+    for name in ("preprocess_cache", "encoder_cache", "response_cache"):
+        assert stats[name]["budget"] > 0 and 0 <= stats[name]["size"] <= stats[name]["budget"], name
+    assert stats["response_cache"]["budget"] == ServerSettings().response_cache_bytes
+    memory = stats["image_memory"]
+    assert memory["budget_bytes"] > 0 and memory["in_use_bytes"] == 0

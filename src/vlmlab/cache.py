@@ -1,7 +1,7 @@
 """A bounded, thread-safe LRU cache with hit/miss counters.
 
-Used for the preprocessing cache (processed image tensors, bounded by bytes) and the response
-cache (deterministic answers, bounded by entries). ``budget == 0`` turns a cache off.
+Used for the preprocessing and encoder caches (tensors, bounded by bytes) and the response cache
+(deterministic answers, bounded by bytes and by entries). ``budget == 0`` turns a cache off.
 """
 
 from __future__ import annotations
@@ -46,9 +46,16 @@ class LRUCache(Generic[V]):
     An entry larger than the whole budget is not stored.
     """
 
-    def __init__(self, budget: int, sizeof: Callable[[V], int] = lambda _: 1, name: str = "cache"):
+    def __init__(
+        self,
+        budget: int,
+        sizeof: Callable[[V], int] = lambda _: 1,
+        name: str = "cache",
+        max_entries: int | None = None,
+    ):
         self.name = name
         self.budget = max(0, budget)
+        self.max_entries = max_entries
         self.sizeof = sizeof
         self._items: OrderedDict[str, tuple[V, int]] = OrderedDict()
         self._lock = threading.Lock()
@@ -56,7 +63,7 @@ class LRUCache(Generic[V]):
 
     @property
     def enabled(self) -> bool:
-        return self.budget > 0
+        return self.budget > 0 and self.max_entries != 0
 
     def get(self, key: str) -> V | None:
         """The value for ``key`` (marking it most recently used), counting a query and a hit."""
@@ -87,7 +94,9 @@ class LRUCache(Generic[V]):
                 self.stats.size -= old[1]
             self._items[key] = (value, size)
             self.stats.size += size
-            while self.stats.size > self.budget:
+            while self.stats.size > self.budget or (
+                self.max_entries is not None and len(self._items) > self.max_entries
+            ):
                 _, (_, evicted) = self._items.popitem(last=False)
                 self.stats.size -= evicted
                 self.stats.evictions += 1

@@ -81,6 +81,8 @@ class ServerSettings:
         max_queue: requests allowed to wait beyond those; more get 429 with Retry-After.
         request_timeout_s: per-request deadline (504 after it).
         response_cache_entries: deterministic answers kept (0 turns the cache off).
+        response_cache_bytes: and the bytes they may take together (their texts, token ids and
+            metadata), so long answers cannot grow the cache past it.
         media_workers: threads that decode images (and read inline ones) off the event loop.
         preprocess_mode: image preprocessing a request gets unless its ``mm_processor_kwargs``
             say ``preprocess_mode``: ``exact`` (equal to the model's processor) or ``fast``.
@@ -121,6 +123,7 @@ class ServerSettings:
     max_queue: int = 64
     request_timeout_s: float = 300.0
     response_cache_entries: int = 1024
+    response_cache_bytes: int = 64 * 2**20
     media_workers: int = 4
     preprocess_mode: str = "exact"
     preprocess_workers: int | None = None
