@@ -14,15 +14,13 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
-import socket
-import subprocess
 import sys
 import time
 
 import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from served import free_port, start_server
 
 FIELDS = [
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
@@ -53,12 +51,6 @@ BODIES = st.fixed_dictionaries({"messages": MESSAGES}, optional={f: VALUES for f
 ) | st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=6), VALUES, max_size=6)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bodies", type=int, default=10_000)
@@ -66,22 +58,10 @@ def main() -> None:
     args = parser.parse_args()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    command = [sys.executable, "-m", "vlmlab", "serve", "--port", str(port), "--log-level", "error"]
-    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = start_server(port, ["--log-level", "error"])
     statuses: collections.Counter[tuple[str, int]] = collections.Counter()
     problems: list[str] = []
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                sys.exit(f"the server did not start: {server.stderr.read() if server.stderr else ''}")
-            time.sleep(0.3)
         client = httpx.Client(timeout=60)
         start = time.perf_counter()
 

@@ -21,16 +21,13 @@ import argparse
 import base64
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
 from PIL import Image, ImageDraw
+from served import free_port, start_server, status_bytes, tree_rss
 
 SCENARIOS = {
     "old": ["--max-image-pixels", "178956970", "--image-memory-budget", "1TiB"],
@@ -39,67 +36,12 @@ SCENARIOS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bilevel_png(side: int, seed: int) -> bytes:
     image = Image.new("1", (side, side), 1)
     ImageDraw.Draw(image).line((0, seed, side, side - seed), fill=0, width=3)
     buf = io.BytesIO()
     image.save(buf, "PNG", optimize=True)
     return buf.getvalue()
-
-
-def status_bytes(pid: int, field: str) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (the preprocessing workers, replicas)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        found.append(current)
-        todo.extend(children.get(current, []))
-    return found
-
-
-def tree_rss(pid: int) -> int:
-    return sum(status_bytes(p, "VmRSS") for p in tree(pid))
-
-
-def start_server(port: int, extra: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "vlmlab", "serve", "--port", str(port), "--log-level", "warning"]
-    cmd += extra
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("the server did not start")
 
 
 def run(name: str, extra: list[str], images: list[bytes]) -> dict:

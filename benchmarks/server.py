@@ -21,40 +21,21 @@ import asyncio
 import base64
 import io
 import json
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import time
 
 import httpx
 import numpy as np
 from PIL import Image
 
+from served import free_port, start_server
+
 from vlmlab.nano.tasks import generate
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(port: int, model: str = "nano", data_parallel: int = 1) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "vlmlab", "serve", "--port", str(port), "--log-level", "warning", "--max-queue", "256",
-           "--model", model, "--served-model-name", "nano", "--data-parallel-size", str(data_parallel)]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start")
+def start_nano_server(port: int, model: str = "nano", data_parallel: int = 1):
+    extra = ["--max-queue", "256", "--model", model, "--served-model-name", "nano", "--data-parallel-size", str(data_parallel)]
+    return start_server(port, extra)
 
 
 def png_url(image: Image.Image) -> str:
@@ -176,7 +157,7 @@ def main() -> None:
     for n, copies in enumerate(int(d) for d in args.data_parallel.split(",")):
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        server = start_server(port, args.model, copies)
+        server = start_nano_server(port, args.model, copies)
         try:
             if n == 0:
                 results["overhead"], results["preprocess_cache"] = overhead(url), cache_ttft(url)
