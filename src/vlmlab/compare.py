@@ -110,15 +110,42 @@ async def ask_all(engine: Engine, label: str, questions: Sequence[Question], max
     return answers
 
 
+def unique_labels(labels: Sequence[str]) -> list[str]:
+    """The labels, with the 2nd, 3rd... repeat of a label suffixed ``#2``, ``#3``...
+
+    Results are keyed by label (summary rows, report columns), so ``--models nano,nano`` must not
+    merge the two runs into one row. A suffix that some other entry already uses is skipped.
+    """
+    taken = set(labels)
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        if label not in seen:
+            seen[label] = 1
+            out.append(label)
+            continue
+        n = seen[label] + 1
+        while f"{label}#{n}" in taken:
+            n += 1
+        seen[label] = n
+        taken.add(f"{label}#{n}")
+        out.append(f"{label}#{n}")
+    return out
+
+
 def run_compare(targets: Sequence[str], questions: Sequence[Question], max_tokens: int = 64, **engine_defaults: Any) -> list[Answer]:
-    """Every model answers every question; models are loaded one at a time (memory)."""
+    """Every model answers every question; models are loaded one at a time (memory).
+
+    Each answer's ``model`` is the target's label; a target given twice is labelled ``nano``,
+    ``nano#2`` (see ``unique_labels``) so the runs stay separate rows and columns.
+    """
     if not targets:
         raise ConfigError("give at least one model: --models nano,<another>")
     if not questions:
         raise ConfigError("give a question (--question with --image, --questions-file, or --dataset)")
+    parsed = [parse_target(target, **engine_defaults) for target in targets]
     answers: list[Answer] = []
-    for target in targets:
-        label, spec = parse_target(target, **engine_defaults)
+    for label, (_, spec) in zip(unique_labels([label for label, _ in parsed]), parsed, strict=True):
         engine = load_engine(spec)
         try:
             answers += asyncio.run(ask_all(engine, label, questions, max_tokens))

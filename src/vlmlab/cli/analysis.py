@@ -99,7 +99,7 @@ def report_command(
 
 @app.command()
 def compare(
-    models: Annotated[str, typer.Option(help="Comma-separated: nano, presets, hub ids, paths, URL#model.")],
+    models: Annotated[str, typer.Option(help="Comma-separated: nano, presets, hub ids, paths, URL#model. A model given twice is labelled nano, nano#2.")],
     image: Annotated[list[str] | None, typer.Option("--image", "-i", help="Image for --question. Repeatable.")] = None,
     question: Annotated[str | None, typer.Option(help="One question about the --image(s).")] = None,
     questions_file: Annotated[Path | None, typer.Option(help="JSONL: images, question, expected.")] = None,

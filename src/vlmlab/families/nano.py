@@ -68,7 +68,9 @@ FAMILY = Family(
     checkpoints=(
         Checkpoint(
             hub_id="vlmlab/nano",
-            params=2_100_000,  # approximate; `vlmlab nano info` prints the exact count
+            # exact: sum of numel over checkpoint/model.safetensors (the tied lm_head is not
+            # stored), also vlmlab_nano.json "params"; tests/test_newcomer_usage.py recounts it
+            params=2_513_728,
             # config.json text_config: num_hidden_layers 3, num_key_value_heads 2, head_dim 48
             kv=KVGeometry(3, 2, 48, "vlmlab/nano/checkpoint/config.json text_config"),
             max_model_len=MAX_MODEL_LEN,

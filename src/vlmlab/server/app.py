@@ -285,9 +285,10 @@ async def sse(body: ChatCompletionRequest, service: ChatService, first: Any, ite
                     yield chunk(DeltaMessage(content=item.text))
             else:
                 result: GenerationResult = item
-                yield chunk(DeltaMessage(), result.finish_reason, timings=TimingsOut.from_timings(result.timings, result.completion_tokens))
-                if include_usage:
-                    usage = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[], usage=Usage.from_result(result))
+                timings = TimingsOut.from_timings(result.timings, result.completion_tokens)
+                yield chunk(DeltaMessage(), result.finish_reason, timings=timings)
+                if include_usage:  # every response carries timings (README), the usage chunk too
+                    usage = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[], usage=Usage.from_result(result), timings=timings)
                     yield f"data: {usage.model_dump_json()}\n\n"
                 break
             item = await anext(items)
