@@ -38,7 +38,7 @@ from urllib.parse import unquote, unquote_to_bytes, urlsplit
 import pybase64
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vlmlab.media_net import describe_content, fetch_url, short_ref
+from vlmlab.media_net import BYTES_LIMIT_SETTING, describe_content, fetch_url, short_ref
 from vlmlab.protocol.core import ImageData
 from vlmlab.protocol.errors import (
     ConfigError,
@@ -74,6 +74,7 @@ _BASE64_RE = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 # Raw base64 shorter than this is taken as a path: the smallest real image (a 1x1 PNG) is ~92
 # base64 characters, while short extension-less strings like "/srv/img" are valid base64 too.
 _MIN_RAW_BASE64 = 64
+PIXELS_LIMIT_SETTING = "(vlmlab serve --max-image-pixels, config key max_image_pixels)"
 _ROTATING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width/height
 # libjpeg decodes at 1/1, 1/2, 1/4 or 1/8 scale in the DCT domain (PIL's Image.draft).
 _JPEG_SCALES = (1, 2, 4, 8)
@@ -139,7 +140,10 @@ class MediaPolicy:
         for name in ("max_bytes", "max_pixels"):
             if getattr(self, name) < 1:
                 value = getattr(self, name)
-                raise ConfigError(f"MediaPolicy.{name} must be at least 1, got {value}")
+                raise ConfigError(
+                    f"image {name} must be at least 1, got {value} "
+                    "(vlmlab serve --max-image-bytes / --max-image-pixels)"
+                )
         if self.max_redirects < 0:
             raise ConfigError(f"MediaPolicy.max_redirects must be >= 0, got {self.max_redirects}")
         if self.max_side is not None and self.max_side < 1:
@@ -187,7 +191,7 @@ def _decode_base64(text: str, source: str, policy: MediaPolicy) -> bytes:
     if len(compact) * 3 // 4 > policy.max_bytes + 2:
         raise ImageTooLargeError(
             f"{source} decodes to about {len(compact) * 3 // 4} bytes, over the limit "
-            f"max_bytes={policy.max_bytes}"
+            f"max_bytes={policy.max_bytes} {BYTES_LIMIT_SETTING}"
         )
     compact = compact.replace("-", "+").replace("_", "/")  # accept the URL-safe alphabet too
     compact += "=" * (-len(compact) % 4)
@@ -209,7 +213,9 @@ def _read_data_url(ref: str, policy: MediaPolicy) -> _Source:
     if "base64" in (p.strip().lower() for p in params[1:]):
         return _Source(_decode_base64(payload, source, policy), source, media_type)
     if len(payload) > 3 * policy.max_bytes:  # percent-encoding is at most 3 chars per byte
-        raise ImageTooLargeError(f"{source} is over the limit max_bytes={policy.max_bytes}")
+        raise ImageTooLargeError(
+            f"{source} is over the limit max_bytes={policy.max_bytes} {BYTES_LIMIT_SETTING}"
+        )
     data = unquote_to_bytes(payload)
     return _Source(data, source, media_type)
 
@@ -219,8 +225,9 @@ def _read_local(path_text: str, shown: str, policy: MediaPolicy) -> _Source:
     root = policy.allowed_local_root
     if root is None:
         raise ForbiddenMediaError(
-            f"local files are disabled, refusing {shown!r}: configure an allowed local root "
-            "(MediaPolicy.allowed_local_root) to read images from disk"
+            f"local files are disabled, refusing {shown!r}: to read images from disk, set the "
+            "directory they may come from (vlmlab serve --allowed-local-media-path DIR, config "
+            "key allowed_local_media_path)"
         )
     if "\x00" in path_text:
         raise ForbiddenMediaError(f"image path {shown!r} contains a NUL byte")
@@ -229,7 +236,8 @@ def _read_local(path_text: str, shown: str, policy: MediaPolicy) -> _Source:
     if os.path.commonpath([real, real_root]) != real_root:
         raise ForbiddenMediaError(
             f"{shown!r} resolves outside the allowed local root {str(root)!r}; "
-            "only files under that directory may be read"
+            "only files under that directory may be read (vlmlab serve "
+            "--allowed-local-media-path, config key allowed_local_media_path)"
         )
     # Residual risk: a symlink created inside the root between realpath() and open() could still
     # redirect the open; O_NOFOLLOW covers the last component, intermediate directories are not.
@@ -252,11 +260,13 @@ def _read_local(path_text: str, shown: str, policy: MediaPolicy) -> _Source:
         if info.st_size > policy.max_bytes:
             raise ImageTooLargeError(
                 f"image file {shown!r} is {info.st_size} bytes, over the limit "
-                f"max_bytes={policy.max_bytes}"
+                f"max_bytes={policy.max_bytes} {BYTES_LIMIT_SETTING}"
             )
         data = f.read(policy.max_bytes + 1)  # the file may have grown since fstat
     if len(data) > policy.max_bytes:
-        raise ImageTooLargeError(f"image file {shown!r} is over max_bytes={policy.max_bytes}")
+        raise ImageTooLargeError(
+            f"image file {shown!r} is over max_bytes={policy.max_bytes} {BYTES_LIMIT_SETTING}"
+        )
     return _Source(data, real)
 
 
@@ -267,6 +277,7 @@ def _read_source(ref: str | bytes | bytearray | memoryview, policy: MediaPolicy)
         if len(data) > policy.max_bytes:
             raise ImageTooLargeError(
                 f"image bytes are {len(data)} bytes, over the limit max_bytes={policy.max_bytes}"
+                f" {BYTES_LIMIT_SETTING}"
             )
         return _Source(data, "bytes")
     if not isinstance(ref, str):
@@ -312,7 +323,7 @@ def _check_size(source: str, width: int, height: int, policy: MediaPolicy) -> No
     if width * height > policy.max_pixels:
         raise ImageTooLargeError(
             f"{source} is {width}x{height} = {width * height} pixels, over the limit "
-            f"max_pixels={policy.max_pixels}; downscale it before sending"
+            f"max_pixels={policy.max_pixels} {PIXELS_LIMIT_SETTING}; downscale it before sending"
         )
     if policy.max_side is not None and max(width, height) > policy.max_side:
         raise ImageTooLargeError(
@@ -352,6 +363,7 @@ def _open_checked(src: _Source, policy: MediaPolicy, *, reducible: bool = False)
     if len(data) > policy.max_bytes:
         raise ImageTooLargeError(
             f"{src.source} is {len(data)} bytes, over the limit max_bytes={policy.max_bytes}"
+            f" {BYTES_LIMIT_SETTING}"
         )
     served = f" (served as {src.content_type})" if src.content_type else ""
     try:
@@ -361,7 +373,7 @@ def _open_checked(src: _Source, policy: MediaPolicy, *, reducible: bool = False)
         # when a warnings filter turns it into one); both mean "too many pixels".
         raise ImageTooLargeError(
             f"{src.source} is refused as too large by Pillow's decompression-bomb check "
-            f"({e}); max_pixels={policy.max_pixels}"
+            f"({e}); max_pixels={policy.max_pixels} {PIXELS_LIMIT_SETTING}"
         ) from e
     except UnidentifiedImageError as e:
         found = describe_content(data)

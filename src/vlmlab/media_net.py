@@ -47,6 +47,14 @@ from vlmlab.protocol.errors import (
 if TYPE_CHECKING:
     from vlmlab.media import MediaPolicy
 
+# The settings a server user changes, named in refusals as the `vlmlab serve` flag and config key
+# (`vlmlab chat` / `eval` have no such flags and use the defaults; the text stays true there too).
+BYTES_LIMIT_SETTING = "(vlmlab serve --max-image-bytes, config key max_image_bytes)"
+TRUSTED_HOSTS_SETTING = (
+    "to allow a trusted internal host, list it in vlmlab serve --trusted-media-hosts "
+    "(config key trusted_media_hosts)"
+)
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
@@ -316,11 +324,14 @@ def vet_url(url: str, policy: MediaPolicy, deadline: float) -> VettedTarget:
     if policy.allowed_domains is not None and not domain_allowed(host, policy.allowed_domains):
         allowed = ", ".join(sorted(policy.allowed_domains)) or "(none)"
         raise ForbiddenMediaError(
-            f"host {host!r} of {shown!r} is not in the allowed domains: {allowed}"
+            f"host {host!r} of {shown!r} is not in the allowed domains: {allowed} "
+            "(vlmlab serve --allowed-media-domains, config key allowed_media_domains)"
         )
     trusted = host in policy.trusted_hosts or raw_host.lower() in policy.trusted_hosts
     if not trusted and (host in _BLOCKED_NAMES or host.endswith(".localhost")):
-        raise ForbiddenMediaError(f"host {host!r} of {shown!r} is a local or metadata name")
+        raise ForbiddenMediaError(
+            f"host {host!r} of {shown!r} is a local or metadata name; {TRUSTED_HOSTS_SETTING}"
+        )
 
     addresses = (literal,) if literal is not None else _resolve(host, port, url, deadline)
     if not trusted:
@@ -329,7 +340,7 @@ def vet_url(url: str, policy: MediaPolicy, deadline: float) -> VettedTarget:
             if reason is not None:
                 raise ForbiddenMediaError(
                     f"refusing to fetch {shown!r}: host {host!r} resolves to {ip}, a {reason} "
-                    "address (only public addresses are allowed)"
+                    f"address (only public addresses are allowed; {TRUSTED_HOSTS_SETTING})"
                 )
     path_query = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return VettedTarget(url, scheme, host, port, path_query, addresses)
@@ -396,7 +407,7 @@ def _read_body(response: httpx.Response, url: str, policy: MediaPolicy, deadline
     if declared.isdigit() and int(declared) > policy.max_bytes:
         raise ImageTooLargeError(
             f"{short_ref(url)} declares Content-Length {int(declared)} bytes, over the limit "
-            f"max_bytes={policy.max_bytes}"
+            f"max_bytes={policy.max_bytes} {BYTES_LIMIT_SETTING}"
         )
     chunks: list[bytes] = []
     received = 0
@@ -407,7 +418,7 @@ def _read_body(response: httpx.Response, url: str, policy: MediaPolicy, deadline
         if received > policy.max_bytes:
             raise ImageTooLargeError(
                 f"{short_ref(url)} sent more than max_bytes={policy.max_bytes} bytes "
-                f"(stopped after {received})"
+                f"(stopped after {received}) {BYTES_LIMIT_SETTING}"
             )
         chunks.append(chunk)
         _remaining(deadline, url, policy)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
+import socket
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -161,13 +163,57 @@ def serve(
         engines = tuple(dataclasses.replace(s, extra={**s.extra, **chosen}) for s in settings.engines)
         settings = dataclasses.replace(settings, engines=engines)
     logging.getLogger("vlmlab").setLevel(log_level.upper())
-    console.print(f"[bold]vlmlab serve[/bold] {settings.model_name} on http://{settings.host}:{settings.port}/v1")
+    # Take the port before loading anything: a busy port fails in a second, not after the model
+    # load, and the socket handed to uvicorn leaves no window for another process to take it.
+    sock = _listening_socket(settings.host, settings.port)
+    host_shown = f"[{settings.host}]" if ":" in settings.host else settings.host
+    url = f"http://{host_shown}:{sock.getsockname()[1]}/v1"
+    console.print(f"[bold]vlmlab serve[/bold] loading {settings.model_name}, to serve on {url} once loaded")
     from vlmlab.server.http_limits import uvicorn_options
 
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, log_level=log_level.lower(),
         **uvicorn_options(settings),  # header/body deadlines and the header-size limit
     )  # fmt: skip
+
+    class AnnouncingServer(uvicorn.Server):
+        """Prints the URL once uvicorn serves it (it logs none for sockets passed in)."""
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                console.print(f"[bold]vlmlab serve[/bold] {settings.model_name} on {url}")
+
+    server = AnnouncingServer(config)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # Ctrl-C while the model loads: a quiet stop, as uvicorn.run's
+        return
+    finally:
+        sock.close()
+    if not server.started:  # the model failed to load; uvicorn logged why (what uvicorn.run does)
+        raise typer.Exit(3)
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` and listening, as uvicorn would open it; a port that
+    cannot be bound exits with one line naming it and the fix."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart past TIME_WAIT
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)  # uvicorn's default backlog; requests made while loading wait here
+    except OSError as e:
+        sock.close()
+        reason = "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be bound ({e.strerror})"
+        err_console.print(
+            f"vlmlab serve: port {port} on {host} {reason}; pass --port N for another port "
+            "or stop the process using it",
+            highlight=False,
+        )
+        raise typer.Exit(1) from None
+    return sock
 
 
 @app.command("test-model")
