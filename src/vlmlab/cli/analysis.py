@@ -69,11 +69,16 @@ def score_command(
     judge_api_key: Annotated[str | None, typer.Option(envvar="VLMLAB_JUDGE_API_KEY")] = None,
 ) -> None:
     """Re-score stored eval outputs without inference (another metric mode, a fixed metric)."""
-    from vlmlab.eval.runner import EvalConfig, rescore
+    from vlmlab.eval.runner import EvalConfig, overview_paths, rescore
     from vlmlab.eval.scoring import markdown_table
 
     judge = EvalConfig((), (), output_dir, judge_url=judge_url, judge_model=judge_model, judge_api_key=judge_api_key).judge()
-    console.print(markdown_table(rescore(output_dir, metric_mode, judge)))
+    summaries = rescore(output_dir, metric_mode, judge)
+    modes = sorted({str(s.get("metric_mode")) for s in summaries})
+    console.print(f"metric mode: {', '.join(modes)}" + ("" if metric_mode else " (each dataset's default)"))
+    console.print(markdown_table(summaries))
+    written = ", ".join(str(p) for p in overview_paths(output_dir, metric_mode))
+    console.print(f"written: {written}" + ("" if metric_mode is None else "; the run's own summary.json is kept"))
 
 
 @app.command("report")

@@ -336,7 +336,13 @@ def run_eval(config: EvalConfig) -> list[dict[str, Any]]:
 
 
 def rescore(output_dir: Path, metric_mode: str | None = None, judge: Any = None) -> list[dict[str, Any]]:
-    """``vlmlab score``: re-score every stored results file without inference."""
+    """``vlmlab score``: re-score every stored results file without inference.
+
+    Nothing a run recorded is lost: the new summaries keep each old summary's ``run`` and
+    ``settings``. With ``metric_mode`` they are written beside the run's own
+    (``<dataset>.<mode>.summary.json``, ``summary.<mode>.json`` / ``.md``); without it (each
+    dataset's default mode) they replace them, merged.
+    """
     from vlmlab.eval.datasets import get_dataset
     from vlmlab.eval.scoring import read_records, summarize
 
@@ -346,19 +352,28 @@ def rescore(output_dir: Path, metric_mode: str | None = None, judge: Any = None)
     summaries = []
     for path in files:
         spec = get_dataset(path.stem)
-        old = path.with_suffix(".summary.json")
-        info = json.loads(old.read_text()).get("dataset_info", {}) if old.exists() else {}
-        summary = summarize(spec, read_records(path), metric_mode, info, judge)
-        path.with_suffix(".summary.json" if metric_mode is None else f".{metric_mode}.summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        old_path = path.with_suffix(".summary.json")
+        old = json.loads(old_path.read_text()) if old_path.exists() else {}
+        summary = summarize(spec, read_records(path), metric_mode, old.get("dataset_info", {}), judge)
+        summary.update({key: old[key] for key in ("run", "settings") if key in old})
+        summary_name = ".summary.json" if metric_mode is None else f".{metric_mode}.summary.json"
+        path.with_suffix(summary_name).write_text(json.dumps(summary, indent=2, default=str))
         summaries.append(summary)
-    write_overview(Path(output_dir), summaries)
+    write_overview(Path(output_dir), summaries, metric_mode)
     return summaries
 
 
-def write_overview(output_dir: Path, summaries: list[dict[str, Any]] | None = None) -> None:
+def overview_paths(output_dir: Path, metric_mode: str | None = None) -> tuple[Path, Path]:
+    """``summary.json`` / ``summary.md``, or ``summary.<mode>.*`` for a re-score in another mode."""
+    stem = "summary" if metric_mode is None else f"summary.{metric_mode}"
+    return output_dir / f"{stem}.json", output_dir / f"{stem}.md"
+
+
+def write_overview(output_dir: Path, summaries: list[dict[str, Any]] | None = None, metric_mode: str | None = None) -> None:
     from vlmlab.eval.scoring import markdown_table
 
     if summaries is None:
         summaries = [json.loads(p.read_text()) for p in sorted(output_dir.glob("*/*.summary.json")) if p.name.count(".") == 2]
-    (output_dir / "summary.json").write_text(json.dumps(summaries, indent=2, default=str))
-    (output_dir / "summary.md").write_text(markdown_table(summaries))
+    json_path, markdown_path = overview_paths(output_dir, metric_mode)
+    json_path.write_text(json.dumps(summaries, indent=2, default=str))
+    markdown_path.write_text(markdown_table(summaries))
