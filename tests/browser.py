@@ -21,13 +21,14 @@ FLAGS = [
 ]  # fmt: skip
 
 
-def open_in_chromium(path: Path) -> tuple[str, list[str]]:
-    """(the rendered DOM, console messages). Raises if Chromium is missing: install it with
-    `apt-get install chromium` (the Makefile's test target does)."""
+def open_in_chromium(path: Path | str) -> tuple[str, list[str]]:
+    """(the rendered DOM, console messages) of a file or an http(s) URL. Raises if Chromium is
+    missing: install it with `apt-get install chromium` (the Makefile's test target does)."""
     if CHROMIUM is None:
         raise RuntimeError("chromium is not installed: apt-get install chromium")
+    target = path if isinstance(path, str) else path.resolve().as_uri()
     with tempfile.TemporaryDirectory() as profile:
-        out = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", path.resolve().as_uri()], capture_output=True, text=True, timeout=120)
+        out = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", target], capture_output=True, text=True, timeout=120)
     console = [line for line in out.stderr.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
     return out.stdout, console
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -43,6 +43,7 @@ from vlmlab.protocol.openai import (
     Usage,
     new_completion_id,
 )
+from vlmlab.server.docs import docs_page
 from vlmlab.server.engines import EngineChain
 from vlmlab.server.guard import KEY_HELP, RequestGuard, key_is_valid
 from vlmlab.server.service import ChatService
@@ -94,7 +95,9 @@ def create_app(settings: ServerSettings, chain: EngineChain | None = None) -> Fa
         finally:
             app.state.service.close()
 
-    app = FastAPI(title="vlmlab", version="0.1.0", lifespan=lifespan)
+    # FastAPI's /docs and /redoc load their scripts from a CDN (a blank page offline): /docs is
+    # vlmlab's own page instead (vlmlab.server.docs).
+    app = FastAPI(title="vlmlab", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.add_middleware(RequestGuard, settings=settings)
     auth = [Depends(require_api_key)]
@@ -180,6 +183,10 @@ def create_app(settings: ServerSettings, chain: EngineChain | None = None) -> Fa
         ok, why = service.chain.health()
         return JSONResponse({"status": "ok"}) if ok else JSONResponse({"status": "unhealthy", "reason": why}, status_code=503)
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> HTMLResponse:
+        return HTMLResponse(docs_page(app.openapi()))
+
     @app.get("/stats", dependencies=stats_auth)
     async def stats(request: Request) -> dict[str, Any]:
         return service_of(request).stats()
@@ -215,9 +222,13 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
             "param": {"type": ["string", "null"]}, "code": {"type": ["integer", "string", "null"]},
         }}},
     }  # fmt: skip
-    components.setdefault("ChatCompletionResponse", ChatCompletionResponse.model_json_schema(ref_template="#/components/schemas/{model}"))
-    for definition in components["ChatCompletionResponse"].pop("$defs", {}).items():
-        components.setdefault(*definition)
+    # pydantic's own schemas: FastAPI's OpenAPI model turns integer bounds into floats, and
+    # 2**63 - 1 (the seed's maximum) does not survive that.
+    for model in (ChatCompletionRequest, ChatCompletionResponse):
+        exact = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, definition in exact.pop("$defs", {}).items():
+            components[name] = definition
+        components[model.__name__] = exact
     error = {"description": "An error in OpenAI's shape", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
     for methods in schema.get("paths", {}).values():
         for operation in methods.values():
