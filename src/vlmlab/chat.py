@@ -100,3 +100,28 @@ def detail_line(outcome: ChatOutcome) -> str:
     if timings.peak_memory_bytes:
         parts.append(f"peak mem {timings.peak_memory_bytes / 2**20:.0f} MiB")
     return " · ".join(parts)
+
+
+NANO_NAMES = ("nano", "vlmlab/nano", "vlmlab-nano")
+NANO_EXAMPLES = (
+    "What colour is the shape?", "What shape is this?", "Is the shape on the left or the right?",
+    "How many circles are there?", "What word is written?", "What is the value of B?",
+    "Which bar is highest?", "Read the Total field.", "Which image has more stars?",
+)  # fmt: skip
+
+
+def nano_hint(model: str, question: str, images: int) -> str | None:
+    """For nano only: a note when the question is not one nano was trained on (it answers those
+    and little else: "Describe this image." gets a letter), or when no image is given."""
+    if model.strip().lower() not in NANO_NAMES:
+        return None
+    from vlmlab.nano.tasks import known_questions
+
+    if images and question.strip().lower() in known_questions():
+        return None
+    why = "needs an image" if not images else "only answers the questions it was trained on"
+    examples = "; ".join(f"'{q}'" for q in NANO_EXAMPLES[:5])
+    return (
+        f"note: nano {why} (colour, shape, position, counting, a word or number, bar charts, "
+        f"document fields, two-image comparisons), e.g. {examples}. See README 'The nano model'."
+    )

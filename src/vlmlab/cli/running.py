@@ -48,7 +48,7 @@ def chat(
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print text as it is generated.")] = True,
 ) -> None:
     """Ask one question about one or more images; prints the answer and a speed line."""
-    from vlmlab.chat import detail_line, run_chat, speed_line
+    from vlmlab.chat import detail_line, nano_hint, run_chat, speed_line
     from vlmlab.config import EngineSpec
     from vlmlab.protocol.core import SamplingParams
 
@@ -70,6 +70,9 @@ def chat(
         sys.stdout.write(text)
         sys.stdout.flush()
 
+    hint = nano_hint(model, question, len(image or []))
+    if hint:
+        err_console.print(hint, style="yellow", highlight=False)
     outcome = run_chat(spec, question, image or [], sampling, on_text if stream else None, system)
     if not stream:
         sys.stdout.write(outcome.result.text)

@@ -15,6 +15,7 @@ benchmark workload.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -415,3 +416,15 @@ def generate(n: int, seed: int = 0, tasks: Sequence[str] | None = None) -> list[
     if n < 0:
         raise ConfigError(f"n must be >= 0, got {n}")
     return list(iter_samples(n, seed, tasks))
+
+
+@functools.lru_cache(maxsize=1)
+def known_questions() -> frozenset[str]:
+    """Every question nano was trained on, lower-cased (114 of them: the templates of all tasks
+    with their placeholders filled in). 3,000 samples cover them all; any seed gives the same
+    set. About 0.4 s, once."""
+    found = set()
+    for sample in generate(3000):
+        found.add(sample.question.strip().lower())
+        found.update(question.strip().lower() for question, _ in sample.extra)
+    return frozenset(found)
