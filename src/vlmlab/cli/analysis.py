@@ -13,13 +13,14 @@ from vlmlab.cli import (
     console,
     err_console,
 )
+from vlmlab.eval.datasets import DATASETS
 from vlmlab.protocol.errors import ConfigError
 
 
 @app.command("eval")
 def eval_command(
     model: Annotated[list[str], typer.Option("--model", "-m", help="Model(s): nano, preset, hub id, path. Repeatable or comma-separated.")],
-    dataset: Annotated[list[str], typer.Option("--dataset", "-d", help="Dataset key(s), e.g. synth, chartqa_test_human.")],
+    dataset: Annotated[list[str], typer.Option("--dataset", "-d", help=f"Dataset key(s): {', '.join(DATASETS.names())}.")],
     output_dir: Annotated[Path, typer.Option(help="Results folder (resumes what is already there).")] = Path("outputs/vlm_results"),
     engine: Annotated[str, typer.Option(help="hf, vllm, mlx or remote.")] = "hf",
     base_url: Annotated[str | None, typer.Option(help="For --engine remote.")] = None,
@@ -126,12 +127,12 @@ def compare(
 
 @app.command()
 def sweep(
-    model: Annotated[str, typer.Option("--model", "-m")] = "nano",
-    image: Annotated[list[str] | None, typer.Option("--image", "-i")] = None,
-    question: Annotated[str | None, typer.Option()] = None,
-    questions_file: Annotated[Path | None, typer.Option()] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="nano, a family preset, a hub id or a path.")] = "nano",
+    image: Annotated[list[str] | None, typer.Option("--image", "-i", help="Image path or URL for --question(s). Repeatable.")] = None,
+    question: Annotated[str | None, typer.Option(help="One question about the --image(s).")] = None,
+    questions_file: Annotated[Path | None, typer.Option(help="JSONL: images, question, expected.")] = None,
     dataset: Annotated[str | None, typer.Option(help="Questions with answers for accuracy, e.g. synth.")] = None,
-    limit: Annotated[int, typer.Option()] = 20,
+    limit: Annotated[int, typer.Option(help="Questions of --dataset to use.")] = 20,
     resolutions: Annotated[str | None, typer.Option(help="Longest sides, e.g. 224,336,512,1024.")] = None,
     images_per_prompt: Annotated[str | None, typer.Option(help="Image counts, e.g. 1,2,3.")] = None,
     max_tokens: Annotated[int, typer.Option()] = 64,

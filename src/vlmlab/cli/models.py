@@ -101,7 +101,7 @@ def plan(
 
 
 @app.command()
-def families(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def families(as_json: Annotated[bool, typer.Option("--json", help="Print the families as JSON, for tooling.")] = False) -> None:
     """List the model families vlmlab knows, with options and checkpoints."""
     from vlmlab.families import FAMILIES
 
