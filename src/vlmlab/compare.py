@@ -162,22 +162,66 @@ def resize_longest(image: Any, side: int) -> Any:
     return image.resize(size, Image.Resampling.BICUBIC)
 
 
+def with_image_count(questions: Sequence[Question], count: int) -> list[Question]:
+    """Each question with exactly ``count`` images: its own images first, in order (what it asks
+    about), then images of the other questions as distractors. A question with more images of its
+    own than ``count`` is left out of that level: dropping an image it asks about changes the
+    question, not the image count."""
+    out = []
+    for index, question in enumerate(questions):
+        own = tuple(question.images)
+        if len(own) > count:
+            continue
+        others = [im for j in range(1, len(questions)) for im in questions[(index + j) % len(questions)].images]
+        extra = tuple(others[(k % len(others))] for k in range(count - len(own))) if others else ()
+        if len(own) + len(extra) < count:
+            continue
+        out.append(Question(own + extra, question.question, question.expected, question.label))
+    return out
+
+
+def sweep_levels(resolutions: Sequence[int], images_per_prompt: Sequence[int]) -> list[dict[str, int]]:
+    """Every setting a sweep runs: one axis alone, or both crossed (each resolution with each
+    image count, so no answer lacks a value on either axis)."""
+    sides: list[int | None] = list(resolutions) or [None]
+    counts: list[int | None] = list(images_per_prompt) or [None]
+    levels = []
+    for side in sides:
+        for count in counts:
+            level = {}
+            if side is not None:
+                level["resolution"] = side
+            if count is not None:
+                level["images_per_prompt"] = count
+            levels.append(level)
+    return levels
+
+
+def sweep_key(resolutions: Sequence[int], images_per_prompt: Sequence[int]) -> str:
+    """The summary's grouping: the one axis swept, or ``setting`` when both are."""
+    if resolutions and images_per_prompt:
+        return "setting"
+    return "resolution" if resolutions else "images_per_prompt"
+
+
 def run_sweep(target: str, questions: Sequence[Question], resolutions: Sequence[int] = (), images_per_prompt: Sequence[int] = (), max_tokens: int = 64, **engine_defaults: Any) -> list[Answer]:
-    """One model; each question at each longest-side resolution and/or with 1..k images."""
+    """One model; each question at each longest-side resolution and/or with each image count
+    (:func:`with_image_count`); both axes given: every pair of the two."""
     label, spec = parse_target(target, **engine_defaults)
     engine = load_engine(spec)
     answers: list[Answer] = []
     try:
-        for side in resolutions:
-            scaled = [Question(tuple(resize_longest(im, side) for im in q.images), q.question, q.expected, q.label) for q in questions]
-            for answer in asyncio.run(ask_all(engine, label, scaled, max_tokens)):
-                answer.extra["resolution"] = side
-                answers.append(answer)
-        for count in images_per_prompt:
-            pool = [im for q in questions for im in q.images]
-            multi = [Question(tuple(pool[(i + k) % len(pool)] for k in range(count)), q.question, q.expected, q.label) for i, q in enumerate(questions)]
-            for answer in asyncio.run(ask_all(engine, label, multi, max_tokens)):
-                answer.extra["images_per_prompt"] = count
+        for level in sweep_levels(resolutions, images_per_prompt):
+            asked = list(questions)
+            if "images_per_prompt" in level:
+                asked = with_image_count(asked, level["images_per_prompt"])
+            if "resolution" in level:
+                side = level["resolution"]
+                asked = [Question(tuple(resize_longest(im, side) for im in q.images), q.question, q.expected, q.label) for q in asked]
+            for answer in asyncio.run(ask_all(engine, label, asked, max_tokens)):
+                answer.extra.update(level)
+                if len(level) == 2:
+                    answer.extra["setting"] = f"{level['resolution']} px, {level['images_per_prompt']} image(s)"
                 answers.append(answer)
     finally:
         engine.close()
@@ -243,14 +287,18 @@ def write_outputs(answers: Sequence[Answer], questions: Sequence[Question], out_
         images = h.Raw("".join(h.img(src, key).html for src in thumbs.get(key, [])))
         expected = first.expected if first.expected is not None else ""
         rows.append([images, first.question, expected, *[cell(by_column.get(c)) for c in columns]])
-    sections = [
+    sections = []
+    # Sweeps open with a plot per swept axis (averaged over the other axis when both are swept).
+    axes = [axis for axis in ("resolution", "images_per_prompt") if any(axis in a.extra for a in answers)]
+    for axis in axes if by != "model" else []:
+        rows_for_axis = summarize(answers, axis)
+        sections += [f"<h2>By {axis.replace('_', ' ')}</h2>", h.img(h.figure_data_url(_sweep_figure(rows_for_axis, axis)), f"{axis} plot", "plot").html]
+    sections += [
         "<h2>Summary</h2>",
         h.table(list(summary[0].keys()) if summary else [], [[_fmt(v) for v in r.values()] for r in summary], numeric=range(1, 8)),
         "<h2>Answers</h2>",
         h.table(["image(s)", "question", "expected", *columns], rows),
     ]
-    if by != "model" and summary:
-        sections += ["<h2>Plot</h2>", h.img(h.figure_data_url(_sweep_figure(summary, by)), f"{by} plot", "plot").html]
     path = out_dir / "report.html"
     path.write_text(h.page(title, sections))
     return path

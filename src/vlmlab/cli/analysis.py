@@ -140,7 +140,7 @@ def sweep(
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
     """How resolution (or the number of images) changes answers, accuracy, tokens and latency."""
-    from vlmlab.compare import load_questions, run_sweep, summarize, write_outputs
+    from vlmlab.compare import load_questions, run_sweep, summarize, sweep_key, write_outputs
 
     def ints(text: str | None) -> list[int]:
         try:
@@ -153,7 +153,7 @@ def sweep(
         raise ConfigError("give --resolutions 224,336,512 and/or --images-per-prompt 1,2,3")
     questions = load_questions(image or [], question, questions_file, dataset, limit)
     answers = run_sweep(model, questions, sides, counts, max_tokens, device=device)
-    by = "resolution" if sides else "images_per_prompt"
+    by = sweep_key(sides, counts)
     path = write_outputs(answers, questions, output_dir, f"vlmlab sweep: {model}", by=by)
     _print_summary(summarize(answers, by), by)
     console.print(f"report: {path}")
