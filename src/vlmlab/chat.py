@@ -102,7 +102,6 @@ def detail_line(outcome: ChatOutcome) -> str:
     return " · ".join(parts)
 
 
-NANO_NAMES = ("nano", "vlmlab/nano", "vlmlab-nano")
 NANO_EXAMPLES = (
     "What colour is the shape?", "What shape is this?", "Is the shape on the left or the right?",
     "How many circles are there?", "What word is written?", "What is the value of B?",
@@ -113,7 +112,9 @@ NANO_EXAMPLES = (
 def nano_hint(model: str, question: str, images: int) -> str | None:
     """For nano only: a note when the question is not one nano was trained on (it answers those
     and little else: "Describe this image." gets a letter), or when no image is given."""
-    if model.strip().lower() not in NANO_NAMES:
+    from vlmlab.nano import is_nano
+
+    if not is_nano(model.strip()):
         return None
     from vlmlab.nano.tasks import known_questions
 

@@ -24,7 +24,7 @@ from vlmlab.engines.hf_preprocess import RequestPreprocessor
 from vlmlab.engines.hf_prompt import PromptEncoder
 from vlmlab.engines.quantization import hf_quantization
 from vlmlab.families import Family, get_family
-from vlmlab.protocol.core import Chat, GenerationChunk, GenerationResult, ImagePart, TextPart, Timings
+from vlmlab.protocol.core import Chat, GenerationChunk, GenerationResult, ImagePart, Timings
 from vlmlab.protocol.errors import (
     BadRequestError,
     ConfigError,
@@ -101,17 +101,12 @@ def token_span_bound(tokenizer: Any) -> int | None:
     return longest * (3 if set(kinds) & COMPOSING_NORMALIZERS else 1) or None
 
 
-def chat_characters(chat: Chat) -> int:
-    return sum(len(p.text) for m in chat.messages for p in m.content if isinstance(p, TextPart))
-
-
 def resolve_model(model: str) -> tuple[str, str | None]:
     """``(path or hub id, family hint)`` for ``nano``, a family preset, a local path or a hub id."""
     from vlmlab.families import FAMILIES
+    from vlmlab.nano import checkpoint_path, is_nano
 
-    if model.lower() in ("nano", "vlmlab/nano", "vlmlab-nano"):
-        from vlmlab.nano import checkpoint_path
-
+    if is_nano(model):
         check_nano_transformers()
         path = checkpoint_path()
         if not (path / "config.json").exists():
@@ -455,7 +450,7 @@ class HFEngine(Engine):
         start = time.perf_counter()
         chat, sampling = request.chat, request.sampling
         loop = asyncio.get_running_loop()
-        if chat_characters(chat) > LONG_TEXT_CHARS:  # template and tokenizer off the event loop
+        if chat.text_characters > LONG_TEXT_CHARS:  # template and tokenizer off the event loop
             prompt, count = await loop.run_in_executor(None, self._render_and_count, request)
         else:
             prompt, count = self._render_and_count(request)

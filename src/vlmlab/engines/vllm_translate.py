@@ -145,9 +145,9 @@ def resolve_model(model: str) -> tuple[str, str | None]:
     Raises:
         NotFoundError: the packaged nano checkpoint is missing, or a path does not exist.
     """
-    if model.lower() in ("nano", "vlmlab/nano", "vlmlab-nano"):
-        from vlmlab.nano import checkpoint_path
+    from vlmlab.nano import checkpoint_path, is_nano
 
+    if is_nano(model):
         path = checkpoint_path()
         if not (path / "config.json").exists():
             raise NotFoundError(f"the packaged nano checkpoint is missing at {path}; reinstall vlmlab")

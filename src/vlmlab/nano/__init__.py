@@ -10,6 +10,15 @@ from importlib import resources
 from pathlib import Path
 
 
+# What a user may type for the packaged model (``--model nano``).
+MODEL_NAMES = ("nano", "vlmlab/nano", "vlmlab-nano")
+
+
+def is_nano(model: str) -> bool:
+    """Whether ``model`` names the packaged nano model."""
+    return model.lower() in MODEL_NAMES
+
+
 def checkpoint_path() -> Path:
     """The packaged nano checkpoint directory (``vlmlab/nano/checkpoint``, shipped as package data).
 

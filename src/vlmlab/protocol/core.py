@@ -125,6 +125,11 @@ class Chat:
         """Every image of the chat, in order of appearance."""
         return [img for m in self.messages for img in m.images]
 
+    @property
+    def text_characters(self) -> int:
+        """Characters of text in all messages (what bounds the prompt's text tokens)."""
+        return sum(len(p.text) for m in self.messages for p in m.content if isinstance(p, TextPart))
+
 
 @dataclass(frozen=True)
 class SamplingParams:

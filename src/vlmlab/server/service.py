@@ -207,7 +207,7 @@ class ChatService:
         engine = self.chain.current()
         if not engine.max_token_chars:
             return
-        characters = sum(len(p.text) for m in chat.messages for p in m.content if isinstance(p, TextPart))
+        characters = chat.text_characters
         at_least = -(-characters // engine.max_token_chars)
         limit = engine.info().max_model_len
         if at_least + sampling.max_tokens > limit:
