@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from vlmlab.envreport import check_hub
+from vlmlab.hub import check_hub
 
 # The console script pip installed next to this interpreter (.venv/bin/vlmlab).
 VLMLAB = Path(sys.executable).with_name("vlmlab")
@@ -168,6 +168,7 @@ def test_closed_endpoint_is_unreachable_quickly(
     monkeypatch: pytest.MonkeyPatch, no_proxy: None
 ) -> None:
     monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE")  # huggingface_hub reads it too
     port = closed_port()
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}/")
     hub = env_report()["hub"]
@@ -189,6 +190,7 @@ def test_answering_endpoint_is_reachable(monkeypatch: pytest.MonkeyPatch, no_pro
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         monkeypatch.delenv("HF_HUB_OFFLINE")
+        monkeypatch.delenv("TRANSFORMERS_OFFLINE")  # huggingface_hub reads it too
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
         hub = env_report()["hub"]
     finally:

@@ -44,13 +44,13 @@ from vlmlab.engines.vllm_translate import (
     load_error,
     max_images,
     request_error,
-    resolve_model,
     rule_image_tokens,
     rule_options,
     sampling_kwargs,
     stats_timings,
     unavailable_reason,
 )
+from vlmlab.engines.sources import resolve_model
 from vlmlab.families import get_family
 from vlmlab.nano import checkpoint_path
 from vlmlab.protocol.core import (

@@ -20,7 +20,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
@@ -28,10 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from vlmlab.hub import HUB_TIMEOUT_S, check_hub, describe, redact_url
+
 NOT_INSTALLED = "not installed"
 NOT_FOUND = "not found"
-HUB_DEFAULT_ENDPOINT = "https://huggingface.co"
-HUB_TIMEOUT_S = 3.0
 SUBPROCESS_TIMEOUT_S = 10.0
 
 # Distribution names as pip spells them: metadata is looked up by distribution, not by import
@@ -79,10 +78,6 @@ ENV_PREFIXES = ("VLMLAB_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "VLLM_")
 # A variable whose name holds one of these is reported as set, never with its value.
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
 HIDDEN = "<hidden>"
-
-# huggingface_hub's own reading of boolean variables (huggingface_hub/constants.py, _is_true).
-_TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
-
 
 def vlmlab_version() -> str:
     """The installed distribution's version; the source tree's ``__version__`` when vlmlab runs
@@ -146,36 +141,6 @@ def _package_version(distribution: str) -> str:
     return str(version) if version else _version_or_absent(distribution)
 
 
-def check_hub(environ: Mapping[str, str], timeout: float = HUB_TIMEOUT_S) -> dict[str, Any]:
-    """Whether the Hugging Face Hub endpoint (``HF_ENDPOINT`` or huggingface.co) answers an HTTP
-    HEAD within ``timeout`` seconds.
-
-    ``status`` is ``"reachable"`` (any answer below 500), ``"unreachable: <reason>"``, or, when
-    ``HF_HUB_OFFLINE`` is on, ``"offline mode (HF_HUB_OFFLINE=...)"`` without any request.
-    """
-    endpoint = (environ.get("HF_ENDPOINT") or HUB_DEFAULT_ENDPOINT).rstrip("/")
-    result: dict[str, Any] = {"endpoint": _redact_url(endpoint)}
-    offline = environ.get("HF_HUB_OFFLINE", "")
-    if offline.strip().upper() in _TRUE_VALUES:
-        result["status"] = f"offline mode (HF_HUB_OFFLINE={offline})"
-        return result
-    import httpx
-
-    start = time.perf_counter()
-    try:
-        response = httpx.head(endpoint, timeout=timeout, follow_redirects=True)
-    except httpx.TimeoutException as exc:
-        result["status"] = f"unreachable: no answer within {timeout:g} s ({type(exc).__name__})"
-    except Exception as exc:  # connection refused, DNS, TLS, proxy, malformed HF_ENDPOINT
-        result["status"] = f"unreachable: {_describe(exc)}"
-    else:
-        code = response.status_code
-        result["status"] = "reachable" if code < 500 else f"unreachable: HTTP {code}"
-        result["http_status"] = code
-    result["seconds"] = round(time.perf_counter() - start, 3)
-    return result
-
-
 def relevant_env(environ: Mapping[str, str]) -> dict[str, str]:
     """The set variables that change vlmlab's behaviour (``VLMLAB_*``, ``HF_*``, CUDA and thread
     settings), sorted; secrets (names with KEY, TOKEN, SECRET, ...) show as ``<hidden>`` and URLs
@@ -185,7 +150,7 @@ def relevant_env(environ: Mapping[str, str]) -> dict[str, str]:
         if name not in ENV_NAMES and not name.startswith(ENV_PREFIXES):
             continue
         secret = any(marker in name.upper() for marker in SECRET_MARKERS)
-        report[name] = HIDDEN if secret else _redact_url(environ[name])
+        report[name] = HIDDEN if secret else redact_url(environ[name])
     return report
 
 
@@ -236,11 +201,11 @@ def _vlmlab_section() -> dict[str, Any]:
     direct_url = json.loads(dist.read_text("direct_url.json") or "{}")
     url = direct_url.get("url", "")
     if direct_url.get("dir_info", {}).get("editable"):
-        project = _file_url_path(url) if url.startswith("file:") else _redact_url(url)
+        project = _file_url_path(url) if url.startswith("file:") else redact_url(url)
         section["install"] = f"editable, from {project}"
-        section["git"] = _try(lambda: _git_describe(source))
+        section["git"] = _try(lambda: _gitdescribe(source))
     elif url:
-        section["install"] = f"from {_redact_url(url)}"
+        section["install"] = f"from {redact_url(url)}"
     else:
         section["install"] = "from a package index"
     return section
@@ -371,7 +336,7 @@ def _guard(probe: Callable[[], dict[str, Any]], key: str = "error") -> dict[str,
     try:
         return probe()
     except Exception as exc:  # any failure, in any library, belongs in the report
-        return {key: f"error: {_describe(exc)}"}
+        return {key: f"error: {describe(exc)}"}
 
 
 def _try(value: Callable[[], Any]) -> Any:
@@ -379,12 +344,7 @@ def _try(value: Callable[[], Any]) -> Any:
     try:
         return value()
     except Exception as exc:  # same reason as _guard
-        return f"error: {_describe(exc)}"
-
-
-def _describe(exc: BaseException) -> str:
-    message = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {message[0]}" if message else type(exc).__name__
+        return f"error: {describe(exc)}"
 
 
 def _installed(distribution: str) -> bool:
@@ -409,7 +369,7 @@ def _run(command: list[str], cwd: Path | None = None) -> str:
     return done.stdout.strip()
 
 
-def _git_describe(source: Path) -> str:
+def _gitdescribe(source: Path) -> str:
     if shutil.which("git") is None:
         return "git not found"
     return _run(["git", "describe", "--always", "--dirty", "--tags"], cwd=source)
@@ -417,11 +377,6 @@ def _git_describe(source: Path) -> str:
 
 def _file_url_path(url: str) -> str:
     return urllib.request.url2pathname(urllib.parse.urlparse(url).path)
-
-
-def _redact_url(value: str) -> str:
-    """``value`` with the ``user:password@`` part of a URL replaced, else unchanged."""
-    return re.sub(r"(?<=://)[^/@\s]+@", "***@", value)
 
 
 def _text(value: Any) -> str:

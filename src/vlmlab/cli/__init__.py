@@ -148,9 +148,18 @@ def missing_extra_message(exc: ModuleNotFoundError) -> str | None:
     )
 
 
+def configure_logging() -> None:
+    """WARNING and above, one line each, ``LEVEL logger: message``.
+
+    huggingface_hub gives its logger a handler of its own and still passes records up to the
+    root: every message would print twice. Its handler alone prints them, once."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("huggingface_hub").propagate = False
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     from rich.markup import escape  # messages name extras like 'vlmlab[vllm]'
 
     try:

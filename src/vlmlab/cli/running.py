@@ -172,10 +172,22 @@ def serve(
     host_shown = f"[{settings.host}]" if ":" in settings.host else settings.host
     url = f"http://{host_shown}:{sock.getsockname()[1]}/v1"
     console.print(f"[bold]vlmlab serve[/bold] loading {settings.model_name}, to serve on {url} once loaded")
+    from vlmlab.server.engines import EngineChain
     from vlmlab.server.http_limits import uvicorn_options
 
+    # The engines load here, not in the app's lifespan: a model that cannot load ends in one
+    # line (vlmlab.cli.main), not in a start-up traceback from starlette and uvicorn.
+    chain = EngineChain(settings.engines, settings.engine_failures_before_fallback)
+    try:
+        chain.start()
+    except KeyboardInterrupt:  # Ctrl-C while the model loads: a quiet stop
+        sock.close()
+        return
+    except BaseException:
+        sock.close()
+        raise
     config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, log_level=log_level.lower(),
+        create_app(settings, chain), host=settings.host, port=settings.port, log_level=log_level.lower(),
         **uvicorn_options(settings),  # header/body deadlines and the header-size limit
     )  # fmt: skip
 
@@ -190,11 +202,11 @@ def serve(
     server = AnnouncingServer(config)
     try:
         server.run(sockets=[sock])
-    except KeyboardInterrupt:  # Ctrl-C while the model loads: a quiet stop, as uvicorn.run's
+    except KeyboardInterrupt:  # a quiet stop, as uvicorn.run's
         return
     finally:
         sock.close()
-    if not server.started:  # the model failed to load; uvicorn logged why (what uvicorn.run does)
+    if not server.started:  # uvicorn logged why (what uvicorn.run does)
         raise typer.Exit(3)
 
 

@@ -23,7 +23,9 @@ from vlmlab.engines.base import Capabilities, Engine, EngineInfo, GenerationRequ
 from vlmlab.engines.hf_preprocess import RequestPreprocessor
 from vlmlab.engines.hf_prompt import PromptEncoder
 from vlmlab.engines.quantization import hf_quantization
+from vlmlab.engines.sources import hub_load_plan, known_model_names, resolve_model
 from vlmlab.families import Family, get_family
+from vlmlab.hub import did_you_mean
 from vlmlab.protocol.core import Chat, GenerationChunk, GenerationResult, ImagePart, Timings
 from vlmlab.protocol.errors import (
     BadRequestError,
@@ -35,12 +37,6 @@ from vlmlab.protocol.errors import (
 )
 
 logger = logging.getLogger(__name__)
-
-HUB_HELP = (
-    "set HF_HOME or HF_HUB_CACHE to a cache that holds it, or unset HF_HUB_OFFLINE / "
-    "TRANSFORMERS_OFFLINE if this machine may download it"
-)
-
 
 # The oldest transformers under which the nano checkpoint answers as trained: on 5.17 the same
 # weights load but score 0.0 on `vlmlab eval --dataset synth --limit 40`, against 97.5 on every
@@ -99,31 +95,6 @@ def token_span_bound(tokenizer: Any) -> int | None:
     longest = max(map(len, model.get("vocab", {})), default=0)
     longest = max([longest, *(len(t["content"]) for t in spec.get("added_tokens", []))])
     return longest * (3 if set(kinds) & COMPOSING_NORMALIZERS else 1) or None
-
-
-def resolve_model(model: str) -> tuple[str, str | None]:
-    """``(path or hub id, family hint)`` for ``nano``, a family preset, a local path or a hub id."""
-    from vlmlab.families import FAMILIES
-    from vlmlab.nano import checkpoint_path, is_nano
-
-    if is_nano(model):
-        check_nano_transformers()
-        path = checkpoint_path()
-        if not (path / "config.json").exists():
-            raise NotFoundError(
-                f"the packaged nano checkpoint is missing at {path}; reinstall vlmlab or run "
-                "`vlmlab nano train --export` to build one"
-            )
-        return str(path), "nano"
-    if Path(model).expanduser().exists():
-        return str(Path(model).expanduser().resolve()), None
-    if "/" not in model and model in FAMILIES:
-        family = FAMILIES.get(model)
-        hf = [c.hub_id for c in family.checkpoints if c.options.get("variant") == "hf"]
-        return (hf or [family.checkpoint().hub_id])[0], family.name
-    if model.startswith((".", "/", "~")):
-        raise NotFoundError(f"model path {model!r} does not exist")
-    return model, None
 
 
 def detect_family(config: Any, path: str, hint: str | None) -> Family | None:
@@ -264,18 +235,23 @@ class HFEngine(Engine):
         """Load the model; with ``spec.data_parallel_size`` > 1 also start that many minus one
         replica processes (:mod:`vlmlab.engines.hf_replicas`), which load meanwhile.
         ``replica``: this is one of them."""
-        import torch
+        start = time.perf_counter()
+        source, hint = resolve_model(spec.model, variant="hf")
+        kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code, "revision": spec.revision}
+        if hub_load_plan(spec.model, source, spec.revision):  # no Hub now: the cached copy
+            kwargs["local_files_only"] = True
+        import torch  # after the checks above: a model that cannot load fails without this wait
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-        start = time.perf_counter()
-        source, hint = resolve_model(spec.model)
-        kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code, "revision": spec.revision}
+        if hint == "nano":
+            check_nano_transformers()
         try:
             config = AutoConfig.from_pretrained(source, **kwargs)
         except OSError as exc:
             if Path(source).exists():
                 raise NotFoundError(f"{source} has no readable config.json: {exc}") from exc
-            raise NotFoundError(f"cannot load model {spec.model!r} from the Hugging Face hub cache ({exc.__class__.__name__}); {HUB_HELP}") from exc
+            why = " ".join(str(exc).split())
+            raise NotFoundError(f"cannot load model {spec.model!r}: {why}{did_you_mean(spec.model, known_model_names())}") from exc
         except ValueError as exc:
             if "trust_remote_code" in str(exc) and not spec.trust_remote_code:
                 raise ConfigError(f"{spec.model} ships its own model code: pass --trust-remote-code if you trust it") from exc

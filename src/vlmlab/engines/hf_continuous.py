@@ -15,6 +15,7 @@ Qwen2-VL's 3-D M-RoPE keeps the ``generate`` path.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -93,6 +94,10 @@ class ContinuousDecoder:
         on_step: Callable[[], None], prefill_threads: int = 1, overlap: bool = False,
     ):  # fmt: skip
         self.model = model
+        # The forward argument that takes the KV cache: ``cache`` since transformers 5.2x, which
+        # warns on every call that still passes ``past_key_values`` (removed in 5.40); earlier
+        # releases know only ``past_key_values``.
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         # overlap: prefills run on their own thread while this one keeps decoding
         self._prefiller = ThreadPoolExecutor(1, thread_name_prefix="vlmlab-prefill") if overlap else None
         self._pending: list[tuple[Future[_Prefilled], list[Job]]] = []
@@ -199,13 +204,13 @@ class ContinuousDecoder:
             if features:  # encoded ahead, in request order: what the model fills its image tokens with
                 batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}
             with torch.inference_mode():
-                out = self.model(**batch, position_ids=position_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                out = self.model(**batch, position_ids=position_ids, **{self.cache_arg: cache}, use_cache=True, logits_to_keep=1)
         finally:
             if wide:
                 torch.set_num_threads(decode_threads)
         tracker = RowTracker(new, self.decode, self.eos_ids)
         tokens = self._sample(new, out.logits[:, -1, :], tracker)
-        return _Prefilled(new, out.past_key_values, mask, mask.sum(-1), tokens, tracker.aborted)
+        return _Prefilled(new, cache, mask, mask.sum(-1), tokens, tracker.aborted)
 
     def _adopt(self, done: _Prefilled) -> None:
         self.aborted += done.aborted
@@ -243,7 +248,7 @@ class ContinuousDecoder:
                 input_ids=self.last[:, None],  # type: ignore[index]
                 attention_mask=step_mask,
                 position_ids=self.positions[:, None],  # type: ignore[index]
-                past_key_values=self.cache,
+                **{self.cache_arg: self.cache},
                 cache_position=torch.arange(past, past + 1, device=mask.device),
                 use_cache=True,
             )

@@ -36,6 +36,7 @@ import dataclasses
 import importlib.util
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
@@ -44,6 +45,7 @@ from typing import Any
 
 from vlmlab.config import EngineSpec
 from vlmlab.engines.base import Capabilities, Engine, EngineInfo, GenerationRequest, PromptCount
+from vlmlab.engines.sources import hub_load_plan, resolve_model
 from vlmlab.engines.vllm_translate import (
     TextDelta,
     VLLMSettings,
@@ -60,7 +62,6 @@ from vlmlab.engines.vllm_translate import (
     merged_options,
     pil_image_part,
     request_error,
-    resolve_model,
     rule_image_tokens,
     rule_options,
     sampling_kwargs,
@@ -185,6 +186,10 @@ class VLLMEngine(Engine):
         start = time.perf_counter()
         settings = VLLMSettings.from_extra(spec.extra)
         source, hint = resolve_model(spec.model)
+        if hub_load_plan(spec.model, source, spec.revision):
+            # No Hub now: vLLM and its engine-core processes read the cached copy (they read
+            # this variable when they start, as huggingface_hub does).
+            os.environ["HF_HUB_OFFLINE"] = "1"
         family = family_of(source, hint)
         preset = find_preset(source, family)
         if preset.trust_remote_code and not spec.trust_remote_code:

@@ -17,13 +17,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from vlmlab.config import EngineSpec
 from vlmlab.engines.quantization import spec_quantization, vllm_quantization
 from vlmlab.engines.remote_wire import encode_image
-from vlmlab.families import FAMILIES, Family, get_family
+from vlmlab.families import Family, get_family
 from vlmlab.protocol.core import Chat, FinishReason, ImagePart, SamplingParams, TextPart
 from vlmlab.protocol.errors import (
     BadRequestError,
@@ -134,32 +133,6 @@ def find_preset(model: str, family: Family | None) -> VLLMPreset:
     if preset is None and family is not None:
         preset = FAMILY_PRESETS.get(family.name)
     return preset or VLLMPreset()
-
-
-def resolve_model(model: str) -> tuple[str, str | None]:
-    """``(path or hub id, family name)`` for ``nano``, a family name, a local path or a hub id.
-
-    A family name picks the family's first (reference) checkpoint: vLLM serves native formats,
-    so ``pixtral`` means ``mistralai/Pixtral-12B-2409``.
-
-    Raises:
-        NotFoundError: the packaged nano checkpoint is missing, or a path does not exist.
-    """
-    from vlmlab.nano import checkpoint_path, is_nano
-
-    if is_nano(model):
-        path = checkpoint_path()
-        if not (path / "config.json").exists():
-            raise NotFoundError(f"the packaged nano checkpoint is missing at {path}; reinstall vlmlab")
-        return str(path), "nano"
-    if Path(model).expanduser().exists():
-        return str(Path(model).expanduser().resolve()), None
-    if model.startswith((".", "/", "~")):
-        raise NotFoundError(f"model path {model!r} does not exist")
-    if "/" not in model and model in FAMILIES:
-        family = FAMILIES.get(model)
-        return family.checkpoint().hub_id, family.name
-    return model, None
 
 
 def family_of(model: str, hint: str | None) -> Family | None:

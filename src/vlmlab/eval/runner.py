@@ -297,13 +297,16 @@ def run_eval(config: EvalConfig) -> list[dict[str, Any]]:
         resolve_mode(spec, config.metric_mode)
         if config.prompt_profile not in spec.prompts:
             raise ConfigError(f"dataset {spec.key!r} has no prompt profile {config.prompt_profile!r}. Profiles: {', '.join(spec.prompts)}")
+    # Every dataset opens before any model loads: a missing copy fails in seconds, not after a
+    # model load (each model after the first reopens them: the samples are a one-pass iterator).
+    opened = {spec.key: load_samples(spec, config.data_dir, config.limit) for spec in specs}
     summaries = []
     judge = config.judge()
     for model in config.models:
         engine = load_model(config, model)
         try:
             for spec in specs:
-                samples, info = load_samples(spec, config.data_dir, config.limit)
+                samples, info = opened.pop(spec.key, None) or load_samples(spec, config.data_dir, config.limit)
                 total = min(info.rows, config.limit) if config.limit is not None else info.rows
                 progress, task = _progress(config, total, f"{model} · {spec.key}")
                 scores: list[float] = []

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections.abc import Mapping
@@ -47,7 +48,11 @@ def available_cpus() -> int:
 def exit_with_parent(interval_s: float = 1.0) -> None:
     """End this worker process when the one that started it is gone (killed, or exited without
     shutting its pool down): a worker blocked on a queue whose other end it holds itself would
-    otherwise wait forever, an orphan holding its memory."""
+    otherwise wait forever, an orphan holding its memory.
+
+    Also ignores SIGINT: Ctrl-C in a terminal reaches the whole process group, and a worker
+    would die with a KeyboardInterrupt traceback while the parent shuts it down in order."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
 
     def watch() -> None:

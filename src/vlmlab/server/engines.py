@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from vlmlab.config import EngineSpec
 from vlmlab.engines import Engine, GenerationRequest, complete, load_engine
 from vlmlab.protocol.core import Chat, SamplingParams
-from vlmlab.protocol.errors import EngineUnavailableError
+from vlmlab.protocol.errors import EngineUnavailableError, VlmlabError
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class EngineChain:
 
         Raises:
             EngineUnavailableError: none of the engines could be loaded (with every reason).
+            VlmlabError: the only engine could not be loaded (its own error).
         """
         for index in range(first, len(self.specs)):
             spec = self.specs[index]
@@ -66,9 +67,13 @@ class EngineChain:
                 engine = self.loader(spec)
             except Exception as exc:  # noqa: BLE001 - any load failure moves to the next engine
                 reason = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
-                logger.warning("engine %s for %s not used: %s", spec.engine, spec.model, reason)
                 self.state.skipped.append({"engine": spec.engine, "model": spec.model, "reason": reason})
+                if len(self.specs) == 1 and isinstance(exc, VlmlabError):
+                    raise  # no chain: the reason itself, said once
                 continue
+            # Said when another engine serves; when none does, the error below says it all, once.
+            for skipped in self.state.skipped[len(self.state.skipped) - (index - first):]:
+                logger.warning("engine %s for %s not used: %s", skipped["engine"], skipped["model"], skipped["reason"])
             self.engine, self.state.index, self.state.consecutive_failures = engine, index, 0
             logger.info("serving %s with engine %s", spec.model, spec.engine)
             return engine

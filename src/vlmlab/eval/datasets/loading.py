@@ -24,12 +24,14 @@ import json
 import logging
 import re
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from vlmlab.eval.datasets.base import Benchmark
 from vlmlab.eval.types import DatasetSpec, EvalSample
+from vlmlab.hub import hub_access, missing_message, offline_libraries
 from vlmlab.protocol.errors import ConfigError, ImageDecodeError, NotFoundError, VlmlabError
 
 logger = logging.getLogger(__name__)
@@ -211,15 +213,27 @@ def _datasets() -> Any:
 
 
 def _open_hub(spec: DatasetSpec) -> _Source:
+    """The Hub copy of ``spec``; when the Hub does not answer (asked once, in seconds) or offline
+    mode is on, the cached copy or one line saying it is not there, without the Hub's retries."""
     datasets = _datasets()
+    access = hub_access()
+    where = spec.hf_id + (f" config {spec.hf_config!r}" if spec.hf_config else "")
+    local_fix = (
+        "Pass --data-dir with a local copy (save_to_disk folder, parquet files, jsonl + images, "
+        "or DAM-QA's layout)."
+    )
     try:
-        ds = datasets.load_dataset(spec.hf_id, spec.hf_config, split=spec.split)
+        with offline_libraries() if access.cache_only else nullcontext():
+            ds = datasets.load_dataset(spec.hf_id, spec.hf_config, split=spec.split)
     except Exception as exc:  # datasets raises a zoo of types (hub, network, config, files)
-        where = spec.hf_id + (f" config {spec.hf_config!r}" if spec.hf_config else "")
+        if access.cache_only:
+            raise NotFoundError(
+                missing_message("dataset", where, access, fix=f"{spec.key} needs it. {local_fix}")
+            ) from exc
+        why = " ".join(str(exc).split())
         raise NotFoundError(
-            f"cannot load {where} split {spec.split!r} for {spec.key}: {exc}. Check the network "
-            "and HF_TOKEN (lmms-lab repos may need a login), or pass --data-dir with a local copy "
-            "(save_to_disk folder, parquet files, jsonl + images, or DAM-QA's layout)."
+            f"cannot load {where} split {spec.split!r} for {spec.key}: {why}. Check HF_TOKEN "
+            f"(lmms-lab repos may need a login). {local_fix}"
         ) from exc
     return _Source(ds, _count(spec, ds), _hub_revision(ds), None, "hub")
 
