@@ -167,8 +167,15 @@ def did_you_mean(name: str, known: Iterable[str]) -> str:
     """``" Did you mean 'nano'?"`` for the known names closest to ``name`` (case-insensitive), or ``""``."""
     choices = {k.lower(): k for k in known}
     close = difflib.get_close_matches(name.lower(), list(choices), n=3, cutoff=0.75)
-    # Another size of the same model (Qwen2-VL-2B for Qwen2-VL-7B) is not a typo of it.
-    close = [choices[c] for c in close if _undigit(c) != _undigit(name.lower())]
+    # Another size of the same model (Qwen2-VL-2B for Qwen2-VL-7B) is not a typo of it: no
+    # size of the name itself, and of a near name only the closest size.
+    sizes = {_undigit(name.lower())}
+    kept = []
+    for c in close:
+        if _undigit(c) not in sizes:
+            sizes.add(_undigit(c))
+            kept.append(choices[c])
+    close = kept
     if not close:
         return ""
     return " Did you mean " + " or ".join(repr(c) for c in close) + "?"

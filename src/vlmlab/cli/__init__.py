@@ -165,13 +165,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv)
     except VlmlabError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {escape(exc.message)}", highlight=False)
+        err_console.print(f"[bold red]error:[/bold red] {escape(exc.message)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except ModuleNotFoundError as exc:
         message = missing_extra_message(exc)
         if message is None:
             raise
-        err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False)
+        err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

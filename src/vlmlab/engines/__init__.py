@@ -36,6 +36,20 @@ def load_engine(spec: EngineSpec) -> Engine:
     return engine.load(spec)
 
 
+def check_model(spec: EngineSpec) -> None:
+    """Loads nothing; raises :class:`~vlmlab.protocol.errors.NotFoundError` now (in seconds) when
+    ``spec.model`` cannot load: a path that does not exist, or a Hub id neither in the cache nor
+    downloadable. Commands that load several models check them all before loading the first.
+    A remote engine's model is its server's business: not checked."""
+    from vlmlab.engines.sources import hub_load_plan, resolve_model
+
+    name = ENGINES.canonical(spec.engine)
+    if name == "remote":
+        return
+    source, _ = resolve_model(spec.model, variant="hf" if name == "hf" else None)
+    hub_load_plan(spec.model, source, spec.revision)
+
+
 __all__ = [
     "ENGINES",
     "Capabilities",
@@ -44,6 +58,7 @@ __all__ = [
     "EngineSpec",
     "GenerationRequest",
     "PromptCount",
+    "check_model",
     "complete",
     "load_engine",
 ]

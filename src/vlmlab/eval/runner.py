@@ -22,7 +22,7 @@ from typing import Any
 
 from vlmlab.cache import content_key
 from vlmlab.config import EngineSpec
-from vlmlab.engines import Engine, GenerationRequest, complete, load_engine
+from vlmlab.engines import Engine, GenerationRequest, check_model, complete, load_engine
 from vlmlab.eval.types import DatasetSpec, EvalSample
 from vlmlab.protocol.core import Chat, ImageData, ImagePart, Message, SamplingParams
 from vlmlab.protocol.errors import ConfigError, VlmlabError
@@ -300,6 +300,8 @@ def run_eval(config: EvalConfig) -> list[dict[str, Any]]:
     # Every dataset opens before any model loads: a missing copy fails in seconds, not after a
     # model load (each model after the first reopens them: the samples are a one-pass iterator).
     opened = {spec.key: load_samples(spec, config.data_dir, config.limit) for spec in specs}
+    for model in config.models:  # and every model is there before the first one loads
+        check_model(config.engine_spec(model))
     summaries = []
     judge = config.judge()
     for model in config.models:
