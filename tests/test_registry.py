@@ -25,7 +25,10 @@ def test_unknown_name_lists_the_valid_ones_and_suggests_the_closest() -> None:
     message = str(info.value)
     assert "unknown dataset 'chartqa'" in message
     assert "chartqa_test_human, docvqa_val" in message
-    assert "Did you mean 'chartqa_test_human'" in message
+    assert "Did you mean 'chartqa_test_human'?" in message
+    reg.register("chartqa_test_augmented", 3)
+    with pytest.raises(NotFoundError, match="Did you mean 'chartqa_test_human' or 'chartqa_test_augmented'[?]"):
+        reg.get("chartqa")  # a prefix of both: both, not just the first registered
 
 
 def test_duplicates_fail() -> None:

@@ -65,9 +65,12 @@ class Registry(Generic[T]):
         canonical = self._aliases.get(key)
         if canonical is None:
             valid = ", ".join(self.names())
+            # Every entry a prefix names ("chartqa": both ChartQA splits and ChartQAPro), else the
+            # closest spelling; at most three.
             close = [a for a in self._aliases if key and a.startswith(key)]
             close = close or difflib.get_close_matches(key, list(self._aliases), n=1)
-            hint = f" Did you mean {self._aliases[close[0]]!r}?" if close else ""
+            names = list(dict.fromkeys(self._aliases[a] for a in close))[:3]
+            hint = f" Did you mean {' or '.join(repr(n) for n in names)}?" if names else ""
             raise NotFoundError(f"unknown {self.kind} {name!r}.{hint} Available: {valid}")
         return canonical
 
