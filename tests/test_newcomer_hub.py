@@ -184,6 +184,7 @@ def test_close_names() -> None:
     assert did_you_mean("Qwen/Qwen2-VL-7B-Instrct", known) == " Did you mean 'Qwen/Qwen2-VL-7B-Instruct'?"
     assert did_you_mean("Qwen/Qwen2-VL-72B-Instruct", known) == ""  # another size, not a typo
     assert did_you_mean("someone/not-cached-vlm", known) == ""
+    assert did_you_mean("qwen/qwen2-vl-2b-instruct", known) == ""  # known, just not cached
 
 
 def test_library_log_lines_print_once() -> None:

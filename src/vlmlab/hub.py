@@ -166,6 +166,8 @@ def missing_message(kind: str, name: str, access: HubAccess, known: Iterable[str
 def did_you_mean(name: str, known: Iterable[str]) -> str:
     """``" Did you mean 'nano'?"`` for the known names closest to ``name`` (case-insensitive), or ``""``."""
     choices = {k.lower(): k for k in known}
+    if name.lower() in choices:  # a known name, missing for another reason: no other name helps
+        return ""
     close = difflib.get_close_matches(name.lower(), list(choices), n=3, cutoff=0.75)
     # Another size of the same model (Qwen2-VL-2B for Qwen2-VL-7B) is not a typo of it: no
     # size of the name itself, and of a near name only the closest size.

@@ -228,7 +228,7 @@ def _open_hub(spec: DatasetSpec) -> _Source:
     except Exception as exc:  # datasets raises a zoo of types (hub, network, config, files)
         if access.cache_only:
             raise NotFoundError(
-                missing_message("dataset", where, access, fix=f"{spec.key} needs it. {local_fix}")
+                missing_message("dataset", spec.hf_id, access, fix=f"{spec.key} reads it. {local_fix}")
             ) from exc
         why = " ".join(str(exc).split())
         raise NotFoundError(
