@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from vlmlab.config import EngineSpec
-from vlmlab.engines import Engine, GenerationRequest, complete, load_engine
+from vlmlab.engines import Engine, GenerationRequest, check_model, complete, load_engine
 from vlmlab.protocol.core import Chat, ImageData, ImagePart, SamplingParams
 from vlmlab.protocol.errors import ConfigError, VlmlabError
+from vlmlab.units import format_bytes, format_duration
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,8 @@ def run_compare(targets: Sequence[str], questions: Sequence[Question], max_token
     if not questions:
         raise ConfigError("give a question (--question with --image, --questions-file, or --dataset)")
     parsed = [parse_target(target, **engine_defaults) for target in targets]
+    for _, spec in parsed:  # a missing second model fails before the first one loads
+        check_model(spec)
     answers: list[Answer] = []
     for label, (_, spec) in zip(unique_labels([label for label, _ in parsed]), parsed, strict=True):
         engine = load_engine(spec)
@@ -278,7 +281,7 @@ def write_outputs(answers: Sequence[Answer], questions: Sequence[Question], out_
         if a.error:
             return h.Raw(f'<span class="bad">{h.escape(a.error)}</span>')
         mark = "" if a.correct is None else (' <span class="ok">✓</span>' if a.correct else ' <span class="bad">✗</span>')
-        timing = f"{(a.latency_s or 0) * 1000:.0f} ms · {a.image_tokens} img tok"
+        timing = f"{format_duration(a.latency_s)} · {a.image_tokens} img tok"
         return h.Raw(f"{h.escape(a.answer)}{mark}<br><span class=\"muted\">{timing}</span>")
 
     rows = []
@@ -295,7 +298,7 @@ def write_outputs(answers: Sequence[Answer], questions: Sequence[Question], out_
         sections += [f"<h2>By {axis.replace('_', ' ')}</h2>", h.img(h.figure_data_url(_sweep_figure(rows_for_axis, axis)), f"{axis} plot", "plot").html]
     sections += [
         "<h2>Summary</h2>",
-        h.table(list(summary[0].keys()) if summary else [], [[_fmt(v) for v in r.values()] for r in summary], numeric=range(1, 8)),
+        h.table(*summary_cells(summary, by), numeric=range(1, 8)),
         "<h2>Answers</h2>",
         h.table(["image(s)", "question", "expected", *columns], rows),
     ]
@@ -304,10 +307,27 @@ def write_outputs(answers: Sequence[Answer], questions: Sequence[Question], out_
     return path
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else str(value)
+def summary_cells(rows: Sequence[dict[str, Any]], by: str = "model") -> tuple[list[str], list[list[str]]]:
+    """:func:`summarize` rows as a table for people: ``(headers, cells)``.
+
+    Latencies read ``25.3 ms`` / ``1.52 s``, memory ``846.0 MiB``, accuracy a percentage; the
+    raw seconds and bytes stay in ``answers.json``. Used by the HTML report and the CLI table.
+    """
+    headers = [by.replace("_", " "), "questions", "errors", "accuracy", "mean latency", "mean TTFT", "image tokens", "peak memory"]
+    cells = [
+        [
+            str(row[by]),
+            str(row["questions"]),
+            str(row["errors"]),
+            "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%",
+            format_duration(row["mean_latency_s"]),
+            format_duration(row["mean_ttft_s"]),
+            "-" if row["mean_image_tokens"] is None else f"{row['mean_image_tokens']:.0f}",
+            format_bytes(row["peak_memory_bytes"] or None),  # 0: the engine does not measure it
+        ]
+        for row in rows
+    ]
+    return headers, cells
 
 
 def _sweep_figure(summary: list[dict[str, Any]], by: str) -> Any:

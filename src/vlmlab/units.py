@@ -1,4 +1,5 @@
-"""Reading and writing sizes: bytes (``24GiB``, ``80GB``) and images (``1920x1080``)."""
+"""Reading and writing sizes: bytes (``24GiB``, ``80GB``), images (``1920x1080``) and durations
+(``25.3 ms``, ``1.52 s``) for people; machine outputs (JSON) keep raw seconds and bytes."""
 
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def format_bytes(n: float | None) -> str:
+    """Bytes for people, in binary units: ``887054336`` -> ``"846.0 MiB"``; ``None`` -> ``"-"``."""
     if n is None:
         return "-"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -54,3 +56,28 @@ def format_bytes(n: float | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def format_duration(seconds: float | None) -> str:
+    """Seconds for people: ``0.02534`` -> ``"25.3 ms"``, ``0.00129`` -> ``"1.29 ms"``,
+    ``1.5234`` -> ``"1.52 s"``, ``125`` -> ``"2 min 05 s"``, ``4000`` -> ``"1 h 07 min"``;
+    ``None`` -> ``"-"``.
+
+    Latencies stay in ms below a second (the unit `vllm bench serve` and most dashboards use),
+    with two decimals under 10 ms so a 1.3 ms TPOT does not read as 1 ms.
+    """
+    if seconds is None:
+        return "-"
+    sign, s = ("-" if seconds < 0 else ""), abs(float(seconds))
+    ms = s * 1000.0
+    if round(ms, 2) < 10:
+        return f"{sign}{ms:.2f} ms"
+    if round(ms, 1) < 1000:
+        return f"{sign}{ms:.1f} ms"
+    if round(s, 2) < 60:
+        return f"{sign}{s:.2f} s"
+    whole = round(s)
+    if whole < 3600:
+        return f"{sign}{whole // 60} min {whole % 60:02d} s"
+    minutes = round(s / 60)
+    return f"{sign}{minutes // 60} h {minutes % 60:02d} min"

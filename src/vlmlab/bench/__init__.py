@@ -8,6 +8,9 @@ http-URL transport, server-side preprocessing share and ``/metrics`` deltas.
 
     from vlmlab.bench import BenchConfig, run_bench
     result = run_bench(BenchConfig(model="nano", num_requests=20, concurrency=(4,)))
+
+``run_bench(config, on_progress=callback)`` reports each step as a :class:`BenchProgress`
+(``vlmlab bench`` draws them with :class:`vlmlab.bench.progress.ProgressDisplay`).
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ from vlmlab.bench.config import (
     parse_image_sizes,
     parse_slo,
 )
+from vlmlab.bench.progress import BenchProgress
 from vlmlab.bench.runner import run_bench
 from vlmlab.bench.schedule import arrival_times
 
 __all__ = [
     "BenchConfig",
+    "BenchProgress",
     "ImageBucket",
     "arrival_times",
     "parse_concurrency",

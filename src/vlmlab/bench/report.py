@@ -16,6 +16,7 @@ from rich.table import Table
 
 from vlmlab.bench.config import BenchConfig
 from vlmlab.protocol.errors import ConfigError
+from vlmlab.units import format_bytes, format_duration
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def sweep_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt(value: Any, digits: int = 2) -> str:
+def _number(value: Any, digits: int = 2) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -92,8 +93,33 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+def _ms(value_ms: float | None) -> str:
+    return format_duration(None if value_ms is None else value_ms / 1000.0)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _peak(throughput: dict[str, Any]) -> str:
+    peak, window = throughput["peak_output_tokens_per_s"], throughput.get("peak_output_window_s")
+    if peak is None:
+        return "-"
+    return f"{peak:,.2f}" + (" *" if _short(window) else "")
+
+
+def _short(window_s: float | None) -> bool:
+    """A run shorter than the one-second window: its peak is taken over the whole run."""
+    return window_s is not None and window_s < 1.0
+
+
 def summary_table(result: dict[str, Any]) -> Table:
-    """The "Serving Benchmark Result" block of `vllm bench serve`, one column per level."""
+    """The "Serving Benchmark Result" block of `vllm bench serve`, one column per level.
+
+    Figures are for people: durations as ``25.3 ms`` / ``1.52 s``, sizes as ``25.8 KiB``, shares
+    as percentages (the result JSON keeps seconds, milliseconds and bytes in ``*_s`` / ``*_ms`` /
+    ``*_bytes`` keys).
+    """
     runs = result["runs"]
     target = result["target"]
     table = Table(title=f"vlmlab bench: {target['model']} at {target['root_url']}")
@@ -101,12 +127,12 @@ def summary_table(result: dict[str, Any]) -> Table:
     for run in runs:
         table.add_column(run["label"], justify="right")
 
-    def row(label: str, get: Any, digits: int = 2) -> None:
-        table.add_row(label, *(_fmt(get(run["summary"]), digits) for run in runs))
+    def row(label: str, get: Any, show: Any = _number) -> None:
+        table.add_row(label, *(show(get(run["summary"])) for run in runs))
 
     row("successful requests", lambda s: s["completed"])
     row("failed requests", lambda s: s["failed"])
-    row("benchmark duration (s)", lambda s: s["duration_s"])
+    row("benchmark duration", lambda s: s["duration_s"], format_duration)
     row("peak concurrent requests", lambda s: s["peak_concurrency"])
     row("total input tokens", lambda s: s["total_input_tokens"])
     row("  of which image tokens", lambda s: s["total_image_tokens"])
@@ -115,17 +141,20 @@ def summary_table(result: dict[str, Any]) -> Table:
     if result["settings"].get("slo"):
         row("request goodput (req/s)", lambda s: s["throughput"]["goodput_requests_per_s"])
     row("output token throughput (tok/s)", lambda s: s["throughput"]["output_tokens_per_s"])
-    row("peak output token throughput (tok/s)", lambda s: s["throughput"]["peak_output_tokens_per_s"])
+    row("peak output tok/s (max over 1-s windows)", lambda s: s["throughput"], _peak)
     row("total token throughput (tok/s)", lambda s: s["throughput"]["total_tokens_per_s"])
-    for metric, title in (("ttft", "TTFT"), ("tpot", "TPOT (excl. 1st token)"), ("itl", "ITL"), ("e2el", "E2EL")):
+    metrics = (("ttft", "TTFT"), ("tpot", "TPOT (excl. 1st token)"), ("itl", "ITL"), ("e2el", "E2EL"))
+    for metric, title in metrics:
         for stat in ("mean", "median", "p90", "p99"):
-            row(f"{stat} {title} (ms)", lambda s, m=metric, k=stat: s[m][f"{k}_ms"])
-    row("mean request size (KiB)", lambda s: None if s["payload"]["mean_request_bytes"] is None else s["payload"]["mean_request_bytes"] / 1024)
+            row(f"{stat} {title}", lambda s, m=metric, k=stat: s[m][f"{k}_ms"], _ms)
+    row("mean request size", lambda s: s["payload"]["mean_request_bytes"], format_bytes)
     if any(run["summary"]["server_timings"] for run in runs):
-        row("server preprocess share of E2EL", lambda s: (s["server_timings"] or {}).get("preprocess_share"), 3)
-        row("mean server preprocess (ms)", lambda s: ((s["server_timings"] or {}).get("preprocess_ms") or {}).get("mean_ms"))
-    row("expected image cache-hit ratio", lambda s: s["cache"]["expected_image_hit_ratio"], 3)
+        row("server preprocess share of E2EL", lambda s: (s["server_timings"] or {}).get("preprocess_share"), _percent)
+        row("mean server preprocess", lambda s: ((s["server_timings"] or {}).get("preprocess_ms") or {}).get("mean_ms"), _ms)
+    row("expected image cache-hit ratio", lambda s: s["cache"]["expected_image_hit_ratio"], _percent)
     row("server mm-cache hits / queries", lambda s: _hits(s["cache"]))
+    if any(_short(run["summary"]["throughput"].get("peak_output_window_s")) for run in runs):
+        table.caption = "* run shorter than 1 s: peak over the whole run (= mean)"
     return table
 
 
@@ -160,6 +189,17 @@ def write_plots(result: dict[str, Any], directory: Path, stem: str = "bench") ->
 
     Output: the PNG paths. Raises: ConfigError when matplotlib is missing.
     """
+    plt = _pyplot()
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for figure, name in ((latency_cdf_figure(result), "latency-cdf"), (throughput_figure(result), "vs-concurrency")):
+        paths.append(directory / f"{stem}-{name}.png")
+        figure.savefig(paths[-1], dpi=110)
+        plt.close(figure)
+    return paths
+
+
+def _pyplot() -> Any:
     try:
         import matplotlib
 
@@ -167,13 +207,25 @@ def write_plots(result: dict[str, Any], directory: Path, stem: str = "bench") ->
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise ConfigError("plots need matplotlib: pip install matplotlib (or pass --no-plots)") from exc
-    directory.mkdir(parents=True, exist_ok=True)
-    runs = result["runs"]
-    paths = []
+    return plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+
+def _legend_below(ax: Any) -> None:
+    """A legend under the axes (beneath the x label), where it can never hide a curve."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(4, len(handles)), frameon=False)
+
+
+def latency_cdf_figure(result: dict[str, Any]) -> Any:
+    """TTFT and E2EL CDFs side by side, one step curve per level (a matplotlib Figure).
+
+    Raises: ConfigError when matplotlib is missing.
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
     for ax, key, title in ((axes[0], "ttft_s", "TTFT"), (axes[1], "e2el_s", "E2EL")):
-        for run in runs:
+        for run in result["runs"]:
             values = sorted(r[key] * 1000 for r in run["requests"] if r["success"] and r[key] is not None)
             if values:
                 ax.step(values, [(i + 1) / len(values) for i in range(len(values))], where="post", label=run["label"])
@@ -181,37 +233,39 @@ def write_plots(result: dict[str, Any], directory: Path, stem: str = "bench") ->
         ax.set_ylabel("fraction of requests")
         ax.set_title(f"{title} CDF")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(directory / f"{stem}-latency-cdf.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+        _legend_below(ax)
+    return fig
 
+
+def throughput_figure(result: dict[str, Any]) -> Any:
+    """Output tok/s, requests/s and TTFT against concurrency: one panel per metric, each with
+    its own unit on its y axis (a matplotlib Figure).
+
+    Requests/s and tokens/s differ by orders of magnitude, so they get separate panels rather
+    than one panel with a second y axis (whose two legends and crossing lines read badly).
+
+    Raises: ConfigError when matplotlib is missing.
+    """
+    plt = _pyplot()
     rows = result["sweep"]
     x = [r["max_concurrency"] or r["peak_concurrency"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    axes[0].plot(x, [r["output_tokens_per_s"] for r in rows], "o-", label="output tok/s")
-    axes[0].set_ylabel("output tokens / s")
-    axes[0].set_title("throughput vs concurrency")
-    # Requests/s on its own axis: input (image) tokens dwarf output tokens on one scale.
-    twin = axes[0].twinx()
-    twin.plot(x, [r["requests_per_s"] for r in rows], "s--", color="tab:orange", label="requests/s")
-    twin.set_ylabel("requests / s")
-    twin.legend(fontsize=8, loc="lower right")
-    axes[1].plot(x, [r["ttft_median_ms"] for r in rows], "o-", label="median")
-    axes[1].plot(x, [r["ttft_p99_ms"] for r in rows], "s--", label="p99")
-    axes[1].set_ylabel("TTFT (ms)")
-    axes[1].set_title("TTFT vs concurrency")
-    for ax in axes:
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.4), layout="constrained")
+    panels = (
+        (axes[0], "output token throughput", "output tokens per second (tok/s)", [("output_tokens_per_s", "o-", None)]),
+        (axes[1], "request throughput", "requests per second (req/s)", [("requests_per_s", "s-", None)]),
+        (axes[2], "time to first token", "TTFT (ms)", [("ttft_median_ms", "o-", "median"), ("ttft_p99_ms", "s--", "p99")]),
+    )
+    for ax, title, ylabel, series in panels:
+        for key, style, label in series:
+            ax.plot(x, [r[key] if r[key] is not None else float("nan") for r in rows], style, label=label)
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
         ax.set_xlabel("max concurrency (peak when uncapped)")
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left")
         if len(set(x)) > 1 and min(x) > 0:
             ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(set(x)), [str(v) for v in sorted(set(x))])
         ax.minorticks_off()
-    fig.tight_layout()
-    paths.append(directory / f"{stem}-vs-concurrency.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-    return paths
+        _legend_below(ax)
+    return fig

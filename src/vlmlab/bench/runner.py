@@ -12,6 +12,9 @@ Load shapes (as in `vllm bench serve`):
 
 Bodies are built and serialised before the clock starts (closed loop: just before each
 send, off the event loop), so image encoding and JSON cost never count as latency.
+
+Progress goes to an optional ``on_progress`` callback (:class:`BenchProgress` events); the
+library prints nothing itself.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -32,6 +36,7 @@ import httpx
 
 from vlmlab.bench.client import RequestRecord, send_request
 from vlmlab.bench.config import BenchConfig
+from vlmlab.bench.progress import BenchProgress, Phase
 from vlmlab.bench.schedule import arrival_times
 from vlmlab.bench.stats import cache_summary, metric_deltas, parse_prometheus, summarize
 from vlmlab.bench.target import ImageHost, Target, local_server, model_card, root_of, scrape_metrics
@@ -41,6 +46,31 @@ from vlmlab.protocol.errors import EngineUnavailableError
 logger = logging.getLogger(__name__)
 
 SCHEMA = "vlmlab.bench/1"
+
+ProgressCallback = Callable[[BenchProgress], None]
+RecordCallback = Callable[[RequestRecord], None]
+
+
+class _RunTracker:
+    """Counts one run's finished requests and reports each step to ``on_progress`` (if any)."""
+
+    def __init__(self, on_progress: ProgressCallback | None, event: BenchProgress):
+        self.on_progress = on_progress
+        self.event = event  # run, runs, label, total and duration_s stay; counts change
+        self.started = time.perf_counter()
+
+    def phase(self, phase: Phase, elapsed_s: float | None = None) -> None:
+        if phase == "running":
+            self.started = time.perf_counter()
+        elapsed = time.perf_counter() - self.started if elapsed_s is None else elapsed_s
+        self.event = replace(self.event, phase=phase, elapsed_s=elapsed)
+        if self.on_progress is not None:
+            self.on_progress(self.event)
+
+    def record(self, record: RequestRecord) -> None:
+        ok, failed = self.event.ok + record.success, self.event.failed + (not record.success)
+        self.event = replace(self.event, ok=ok, failed=failed, done=ok + failed)
+        self.phase("request")
 
 
 def _async_client(concurrency: int | None, timeout_s: float) -> httpx.AsyncClient:
@@ -57,9 +87,11 @@ async def run_scheduled(
     offsets: Sequence[float],
     concurrency: int | None,
     timeout_s: float,
+    on_record: RecordCallback | None = None,
 ) -> tuple[list[RequestRecord], float]:
     """Send ``requests[i]`` at ``offsets[i]`` (s) under an optional concurrency cap.
 
+    ``on_record`` is called with each record as its request ends (in completion order).
     Output: the records in request order and the run's duration (first release to last byte).
     """
     async with _async_client(concurrency, timeout_s) as client:
@@ -71,19 +103,30 @@ async def run_scheduled(
             if delay > 0:
                 await asyncio.sleep(delay)
             if gate is None:
-                return await send_request(client, url, request, headers, run_start=run_start, scheduled_s=offset)
-            async with gate:
-                return await send_request(client, url, request, headers, run_start=run_start, scheduled_s=offset)
+                record = await send_request(client, url, request, headers, run_start=run_start, scheduled_s=offset)
+            else:
+                async with gate:
+                    record = await send_request(client, url, request, headers, run_start=run_start, scheduled_s=offset)
+            if on_record is not None:
+                on_record(record)
+            return record
 
         records = await asyncio.gather(*(one(r, t) for r, t in zip(requests, offsets)))
         return list(records), time.perf_counter() - run_start
 
 
 async def run_closed_loop(
-    url: str, headers: dict[str, str], workload: Workload, concurrency: int, duration_s: float, timeout_s: float
+    url: str,
+    headers: dict[str, str],
+    workload: Workload,
+    concurrency: int,
+    duration_s: float,
+    timeout_s: float,
+    on_record: RecordCallback | None = None,
 ) -> tuple[list[RequestRecord], list[PreparedRequest], float]:
     """``concurrency`` workers send back-to-back requests until ``duration_s`` has passed.
 
+    ``on_record`` is called with each record as its request ends.
     Output: the records (in completion order per worker), the requests sent, the duration.
     """
     counter = itertools.count()
@@ -101,6 +144,8 @@ async def run_closed_loop(
                 sent.append(request)
                 scheduled = time.perf_counter() - run_start
                 out.append(await send_request(client, url, request, headers, run_start=run_start, scheduled_s=scheduled))
+                if on_record is not None:
+                    on_record(out[-1])
             return out
 
         per_worker = await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -126,34 +171,49 @@ def _scrape(client: httpx.Client, target: Target, enabled: bool) -> dict[str, fl
     return parse_prometheus(text) if text is not None else None
 
 
-def run_level(config: BenchConfig, target: Target, level: int, concurrency: int | None, image_host: dict[str, Any]) -> dict[str, Any]:
+def run_level(
+    config: BenchConfig,
+    target: Target,
+    level: int,
+    concurrency: int | None,
+    image_host: dict[str, Any],
+    on_progress: ProgressCallback | None = None,
+) -> dict[str, Any]:
     """One concurrency level: warm-ups, ``/metrics`` before, the load, ``/metrics`` after.
 
-    ``image_host`` carries the image host's ``url`` and a ``workload`` slot the host reads.
+    ``image_host`` carries the image host's ``url`` and a ``workload`` slot the host reads;
+    ``on_progress`` hears the warm-up, the start, every measured request and the end.
 
     Raises:
         EngineUnavailableError: the first warm-up request failed (the target is unusable as
             configured; its error message says why).
     """
     url = target.root_url + config.endpoint
+    label = f"concurrency={concurrency}" if concurrency else "concurrency=unlimited"
+    n = config.requests_per_level
+    event = BenchProgress("warmup", run=level, runs=len(config.concurrency), label=label, total=n, duration_s=config.duration_s if n is None else None)
+    tracker = _RunTracker(on_progress, event)
     workload = Workload(config, target.model, namespace=level, image_base_url=image_host.get("url"))
     image_host["workload"] = workload
     if config.warmups:
+        tracker.phase("warmup")
         warm = asyncio.run(_warm_up(url, target.headers, _build_all(workload, config.warmups, warmup=True), config.request_timeout_s))
         if not warm[0].success:
             raise EngineUnavailableError(f"the warm-up request to {url} failed: {warm[0].error}")
     with httpx.Client(timeout=30.0, trust_env=False) as sync:
         before = _scrape(sync, target, config.scrape_metrics)
-        n = config.requests_per_level
         if n is None:
             assert concurrency is not None and config.duration_s is not None  # BenchConfig checks this
+            tracker.phase("running")
             records, sent, duration = asyncio.run(
-                run_closed_loop(url, target.headers, workload, concurrency, config.duration_s, config.request_timeout_s)
+                run_closed_loop(url, target.headers, workload, concurrency, config.duration_s, config.request_timeout_s, tracker.record)
             )
         else:
             sent = _build_all(workload, n)
             offsets = arrival_times(n, config.request_rate, config.burstiness, seed=config.seed + level)
-            records, duration = asyncio.run(run_scheduled(url, target.headers, sent, offsets, concurrency, config.request_timeout_s))
+            tracker.phase("running")
+            records, duration = asyncio.run(run_scheduled(url, target.headers, sent, offsets, concurrency, config.request_timeout_s, tracker.record))
+        tracker.phase("finished", elapsed_s=duration)
         after = _scrape(sync, target, config.scrape_metrics)
     deltas = metric_deltas(before, after) if before is not None and after is not None else None
     summary = summarize(records, duration, config.slo)
@@ -164,7 +224,7 @@ def run_level(config: BenchConfig, target: Target, level: int, concurrency: int 
     for message in summary["errors"] + summary["warnings"]:
         logger.warning("%s", message)
     return {
-        "label": f"concurrency={concurrency}" if concurrency else "concurrency=unlimited",
+        "label": label,
         "max_concurrency": concurrency,
         "request_rate": summary["request_rate"],
         "summary": summary,
@@ -194,8 +254,12 @@ def stale_cache_warnings(summary: dict[str, Any], sent: Sequence[PreparedRequest
     return warnings
 
 
-def run_bench(config: BenchConfig) -> dict[str, Any]:
+def run_bench(config: BenchConfig, on_progress: ProgressCallback | None = None) -> dict[str, Any]:
     """Run the benchmark described by ``config``; write the JSON and plots it asks for.
+
+    ``on_progress`` (optional) is called with a :class:`BenchProgress` at each step: a local
+    server starting, each run's warm-up and start, every measured request, each run's end
+    (``vlmlab bench`` shows them with :class:`~vlmlab.bench.progress.ProgressDisplay`).
 
     Output: the result (``schema``, ``created``, ``environment``, ``target``, ``settings``,
     ``runs`` (one per concurrency level, each with ``summary``, ``server_metrics`` and
@@ -221,6 +285,9 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
             levels = [c for c in config.concurrency if c]
             queue = max(64, (config.requests_per_level or 0) + config.warmups, *levels)
             trusted = (config.image_host,) if config.transport == "http" else ()
+            if on_progress is not None:
+                serve_flags = " ".join(config.serve_args)
+                on_progress(BenchProgress("server", label=f"vlmlab serve --model {config.model or 'nano'} {serve_flags}".strip()))
             server = local_server(
                 config.model or "nano",
                 config.serve_args,
@@ -235,7 +302,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         runs = []
         for level, concurrency in enumerate(config.concurrency):
             logger.info("bench level %d: max concurrency %s", level, concurrency or "unlimited")
-            runs.append(run_level(config, target, level, concurrency, image_host))
+            runs.append(run_level(config, target, level, concurrency, image_host, on_progress))
     result: dict[str, Any] = {
         "schema": SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -7,8 +7,13 @@ Reference: ``calculate_metrics`` in ``vllm/benchmarks/serve.py``:
   request's TPOT counts as 0 (it cannot miss a TPOT SLO);
 - ITL is pooled over all requests; a request is "good" only if it meets every SLO given;
 - percentiles are numpy's linear interpolation (``np.percentile``), std is the population std;
-- peak output throughput is the most tokens finished in any one-second bucket, counting each
-  streamed text chunk as one token (what vLLM does with its ITL timestamps).
+- peak output throughput is the most output tokens that arrived within any one-second window of
+  the run, divided by the window (:func:`peak_output_throughput`). vLLM counts each streamed
+  chunk as one token in fixed one-second buckets from the first send; a bucket that straddles
+  the start (no tokens during the first TTFT) or a run shorter than a second then gives a
+  "peak" below the mean. Here the window slides (it may start at any token), a chunk counts
+  the tokens it carried (the usage total spread over the request's chunks), and a run shorter
+  than a second uses its own duration as the window, so the peak equals the mean there.
 
 Token totals come from the server's usage; input tokens include image tokens whenever the
 server counts them in ``prompt_tokens`` (vLLM, vlmlab), and ``image_tokens`` is summed only
@@ -70,17 +75,53 @@ def peak_concurrency(records: Iterable[RequestRecord]) -> int:
     return peak
 
 
-def peak_output_throughput(records: Iterable[RequestRecord]) -> float | None:
-    """Most text chunks (~ tokens) finished within one one-second bucket of the run."""
-    counts: dict[int, int] = {}
-    for r in records:
-        if not r.success or r.ttft_s is None:
-            continue
-        if not r.output_chunks:
-            continue
-        for stamp in accumulate(r.itl_s, initial=r.start_s + r.ttft_s):
-            counts[int(stamp)] = counts.get(int(stamp), 0) + 1
-    return float(max(counts.values())) if counts else None
+PEAK_WINDOW_S = 1.0
+
+
+def token_arrivals(record: RequestRecord) -> list[tuple[float, int]]:
+    """``(time since the run started, output tokens)`` per streamed text chunk of a request.
+
+    Chunk times are the client's own stamps (``start_s + ttft_s``, then each ITL gap). A chunk
+    may carry several tokens and the stream does not say how many, so the request's token count
+    (usage, else chunks) is spread over its chunks as evenly as whole numbers allow; a request
+    whose tokens produced no text chunk (tokens that decode to nothing, say) has them all
+    arrive at its end. Failed requests produce nothing.
+    """
+    if not record.success or record.output_tokens <= 0:
+        return []
+    if not record.output_chunks or record.ttft_s is None:
+        return [(record.end_s, record.output_tokens)]
+    stamps = list(accumulate(record.itl_s, initial=record.start_s + record.ttft_s))
+    chunks, tokens = len(stamps), record.output_tokens
+    # Chunk j gets floor((j+1) T / C) - floor(j T / C) tokens: integers summing to exactly T.
+    return [(t, (j + 1) * tokens // chunks - j * tokens // chunks) for j, t in enumerate(stamps)]
+
+
+def peak_output_throughput(records: Iterable[RequestRecord], duration_s: float) -> tuple[float | None, float]:
+    """The most output tokens per second over any window of one second (a sliding window).
+
+    Inputs: the run's records and its wall-clock duration. Output: ``(peak tok/s, window s)``;
+    the window is one second, or the run's duration when the run is shorter (then the peak
+    is the run's mean output throughput); the peak is ``None`` when nothing was generated.
+
+    A window [t, t + w) that holds the most tokens can always be slid right until it starts at
+    a token, so only windows starting at a token are checked (two pointers over sorted times).
+    Under a steady load the peak is at least the mean (which also counts the wait for the first
+    token and the tail); output in bursts more than a window apart can give less.
+    """
+    window = min(PEAK_WINDOW_S, duration_s) if duration_s > 0 else PEAK_WINDOW_S
+    arrivals = sorted(a for r in records for a in token_arrivals(r))
+    if not arrivals:
+        return None, window
+    best = in_window = 0
+    end = 0
+    for start, (t0, _) in enumerate(arrivals):
+        while end < len(arrivals) and arrivals[end][0] < t0 + window:
+            in_window += arrivals[end][1]
+            end += 1
+        best = max(best, in_window)
+        in_window -= arrivals[start][1]
+    return best / window, window
 
 
 def server_timing_summary(records: Sequence[RequestRecord]) -> dict[str, Any] | None:
@@ -137,6 +178,7 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, slo_ms: Mappi
     image_tokens = total([r.image_tokens for r in ok])
     slo = dict(slo_ms or {})
     good = sum(is_good(r, slo) for r in ok) if slo else None
+    peak, peak_window = peak_output_throughput(ok, duration)
     errors: list[str] = []
     for r in failed:
         if r.error and len(errors) < 10:
@@ -157,7 +199,8 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, slo_ms: Mappi
             "input_tokens_per_s": None if input_tokens is None else input_tokens / duration,
             "output_tokens_per_s": output_tokens / duration,
             "total_tokens_per_s": ((input_tokens or 0) + output_tokens) / duration,
-            "peak_output_tokens_per_s": peak_output_throughput(ok),
+            "peak_output_tokens_per_s": peak,
+            "peak_output_window_s": peak_window,
             "goodput_requests_per_s": None if good is None else good / duration,
             "images_per_s": sum(r.image_count for r in ok) / duration,
         },

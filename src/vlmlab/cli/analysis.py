@@ -160,18 +160,14 @@ def sweep(
 
 
 def _print_summary(rows: list[dict[str, Any]], key: str) -> None:
-    table = Table()
-    for column in (key, "questions", "errors", "accuracy", "latency ms", "TTFT ms", "image tokens", "peak mem"):
-        table.add_column(column)
-    for row in rows:
-        def fmt(value: Any, scale: float = 1.0, digits: int = 1) -> str:
-            return "-" if value is None else f"{value * scale:.{digits}f}"
+    from vlmlab.compare import summary_cells
 
-        table.add_row(
-            str(row[key]), str(row["questions"]), str(row["errors"]), fmt(row["accuracy"], 1, 3),
-            fmt(row["mean_latency_s"], 1000), fmt(row["mean_ttft_s"], 1000), fmt(row["mean_image_tokens"], 1, 0),
-            "-" if not row["peak_memory_bytes"] else f"{row['peak_memory_bytes'] / 2**20:.0f} MiB",
-        )  # fmt: skip
+    headers, cells = summary_cells(rows, key)
+    table = Table()
+    for index, column in enumerate(headers):
+        table.add_column(column, justify="right" if index else "left")
+    for row in cells:
+        table.add_row(*row)
     console.print(table)
 
 
@@ -213,6 +209,7 @@ def bench(
     """Measure a server with image workloads: TTFT, TPOT, ITL, E2EL, throughput, goodput, cache hits."""
     from vlmlab.bench import run_bench
     from vlmlab.bench.config import bench_config
+    from vlmlab.bench.progress import ProgressDisplay
     from vlmlab.bench.report import summary_table
 
     config = bench_config(
@@ -226,7 +223,10 @@ def bench(
         request_timeout_s=request_timeout, output=output, plots=plots, make_plots=not no_plots,
         scrape_metrics=not no_metrics,
     )  # fmt: skip
-    result = run_bench(config)
+    # Progress on stderr (live bars on a terminal, a line per finished run in logs), so stdout
+    # carries only the result table.
+    with ProgressDisplay(err_console) as show_progress:
+        result = run_bench(config, on_progress=show_progress)
     console.print(summary_table(result))
     for run in result["runs"]:
         for message in run["summary"]["errors"] + run["summary"]["warnings"]:
