@@ -47,6 +47,7 @@ from vlmlab.engines.vllm_translate import (
     rule_image_tokens,
     rule_options,
     sampling_kwargs,
+    structured_outputs_kwargs,
     stats_timings,
     unavailable_reason,
 )
@@ -61,6 +62,7 @@ from vlmlab.protocol.core import (
     ImagePart,
     Message,
     SamplingParams,
+    StructuredOutput,
 )
 from vlmlab.protocol.errors import (
     BadRequestError,
@@ -254,7 +256,23 @@ def test_chat_messages_keep_order_and_hand_over_pixels_or_lossless_urls() -> Non
 def test_sampling_maps_every_field() -> None:
     kwargs = sampling_kwargs(SamplingParams(max_tokens=7, temperature=0.3, top_p=0.9, top_k=5, stop=("\n",), seed=11, ignore_eos=True))
     assert kwargs == {"max_tokens": 7, "temperature": 0.3, "top_p": 0.9, "top_k": 5, "seed": 11, "stop": ["\n"],
-                      "ignore_eos": True, "skip_special_tokens": True}  # fmt: skip
+                      "ignore_eos": True, "skip_special_tokens": True, "presence_penalty": 0.0,
+                      "frequency_penalty": 0.0, "repetition_penalty": 1.0, "logit_bias": None,
+                      "min_tokens": 0}  # fmt: skip
+    shaped = sampling_kwargs(SamplingParams(presence_penalty=0.5, frequency_penalty=-1.0, repetition_penalty=1.2,
+                                            logit_bias=((7, -100.0),), min_tokens=3))  # fmt: skip
+    assert (shaped["presence_penalty"], shaped["frequency_penalty"], shaped["repetition_penalty"]) == (0.5, -1.0, 1.2)
+    assert shaped["logit_bias"] == {7: -100.0} and shaped["min_tokens"] == 3
+
+
+def test_structured_outputs_map_to_vllms_params() -> None:
+    assert structured_outputs_kwargs(None) is None
+    schema = StructuredOutput("json_schema", '{"type":"object"}')
+    assert structured_outputs_kwargs(schema) == {"json": {"type": "object"}}
+    assert structured_outputs_kwargs(StructuredOutput("json_object")) == {"json_object": True}
+    assert structured_outputs_kwargs(StructuredOutput("choice", '["a","b"]')) == {"choice": ["a", "b"]}
+    assert structured_outputs_kwargs(StructuredOutput("regex", "[0-9]+")) == {"regex": "[0-9]+"}
+    assert structured_outputs_kwargs(StructuredOutput("grammar", 'root ::= "x"')) == {"grammar": 'root ::= "x"'}
     default = sampling_kwargs(SamplingParams())
     assert default["stop"] is None and default["top_k"] == 0 and default["seed"] is None
 

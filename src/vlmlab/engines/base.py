@@ -29,6 +29,38 @@ class Capabilities:
     max_images: int = 1
     cancellation: bool = True
     exact_token_counts: bool = True  # count_prompt_tokens equals what generate will use
+    # The answer-shaping features of SamplingParams this backend honours, beyond temperature,
+    # top-p, top-k, stop and seed: any of FEATURES. A request using one it lacks is a 400.
+    features: frozenset[str] = frozenset()
+
+
+FEATURES = frozenset({"structured_outputs", "logprobs", "penalties", "logit_bias", "min_tokens"})
+
+
+def used_features(sampling: SamplingParams) -> list[tuple[str, str]]:
+    """``(feature, request field)`` for each feature ``sampling`` uses."""
+    used = []
+    if sampling.structured is not None:
+        used.append(("structured_outputs", sampling.structured.param))
+    if sampling.logprobs:
+        used.append(("logprobs", "logprobs"))
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(sampling, name):
+            used.append(("penalties", name))
+    if sampling.repetition_penalty != 1.0:
+        used.append(("penalties", "repetition_penalty"))
+    if sampling.logit_bias:
+        used.append(("logit_bias", "logit_bias"))
+    if sampling.min_tokens:
+        used.append(("min_tokens", "min_tokens"))
+    return used
+
+
+def check_features(engine_name: str, capabilities: Capabilities, sampling: SamplingParams) -> None:
+    """Raises BadRequestError naming the first request field whose feature the engine lacks."""
+    for feature, param in used_features(sampling):
+        if feature not in capabilities.features:
+            raise BadRequestError(f"{param} is not supported by the {engine_name} engine", param=param)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import logging
 import os
 import resource
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
@@ -19,14 +20,14 @@ from typing import Any
 
 from vlmlab.cache import LRUCache
 from vlmlab.config import EngineSpec
-from vlmlab.engines.base import Capabilities, Engine, EngineInfo, GenerationRequest, PromptCount
+from vlmlab.engines.base import FEATURES, Capabilities, Engine, EngineInfo, GenerationRequest, PromptCount
 from vlmlab.engines.hf_preprocess import RequestPreprocessor
 from vlmlab.engines.hf_prompt import PromptEncoder
 from vlmlab.engines.quantization import hf_quantization
 from vlmlab.engines.sources import hub_load_plan, known_model_names, resolve_model
 from vlmlab.families import Family, get_family
 from vlmlab.hub import did_you_mean
-from vlmlab.protocol.core import Chat, GenerationChunk, GenerationResult, ImagePart, Timings
+from vlmlab.protocol.core import Chat, GenerationChunk, GenerationResult, ImagePart, SamplingParams, StructuredOutput, Timings
 from vlmlab.protocol.errors import (
     BadRequestError,
     ConfigError,
@@ -158,10 +159,11 @@ class HFEngine(Engine):
     """transformers backend with request batching. Create with :meth:`load`."""
 
     name = "hf"
-    capabilities = Capabilities(streaming=True, batching=True, max_images=8)
+    capabilities = Capabilities(streaming=True, batching=True, max_images=8, features=FEATURES)
 
     def __init__(self, spec: EngineSpec, model: Any, processor: Any, family: Family | None, model_id: str, device: str, dtype: str, load_s: float):
         from vlmlab.engines.hf_batching import Batcher
+        from vlmlab.engines.hf_logits import TokenPieces
 
         self.spec = spec
         self.model = model
@@ -179,6 +181,9 @@ class HFEngine(Engine):
         self.eos_ids = self._eos_ids()
         self.max_token_chars = token_span_bound(self.tokenizer)
         self.decode_ids = _fast_decode(self.tokenizer)  # built once: every decode step detokenizes
+        self.pieces = TokenPieces(self.tokenizer)  # token text and bytes, for logprobs
+        self._grammars: Any = None  # hf_structured.Grammars, made on the first structured request
+        self._grammars_lock = threading.Lock()
         self.expansion_mismatches = 0
         self.preprocess_cache: LRUCache[Any] = LRUCache(
             spec.preprocess_cache_bytes, sizeof=lambda image: image.nbytes, name="preprocess"
@@ -217,6 +222,7 @@ class HFEngine(Engine):
                     overlap=bool(spec.extra.get("overlap_prefill", True)),
                 )  # fmt: skip
                 decoder.max_len = self.max_model_len
+                decoder.pieces = self.pieces
         self.continuous = decoder is not None
         # LLaVA-layout models (nano, Pixtral's port, LLaVA-1.5) take the vision tower's output
         # precomputed (mm_encoder_outputs): encode each request's images as it is prepared.
@@ -450,14 +456,21 @@ class HFEngine(Engine):
         preprocess_s = time.perf_counter() - prep_start
         image_tokens = self._checked_image_tokens(inputs, prompt, len(images), count)
         prompt_tokens = int(inputs["input_ids"].shape[1])
+        self._check_logit_bias(sampling)
+        constraint = None
+        if sampling.structured is not None:  # compiled off the loop; a bad schema is a 400 here
+            compiled = await loop.run_in_executor(None, self._compile, sampling.structured)
+            constraint = self._grammars.constraint(compiled)
         job = Job(inputs=inputs, prompt_tokens=prompt_tokens, sampling=sampling, loop=loop, queue=asyncio.Queue())
         job.image_features = features
         job.stream = request.stream
+        job.constraint = constraint
         if sampling.seed is not None and not sampling.greedy:
             import torch
 
             job.generator = torch.Generator().manual_seed(sampling.seed)
-        replica, rid = self._route(), None
+        # A grammar's state lives in this process: constrained requests are decoded here.
+        replica, rid = (self._route() if constraint is None else None), None
         if replica is not None:
             rid = replica.register(job)
             # Pickling a job's tensors (tens of MB for a large image's pixels) stays off the loop.
@@ -512,7 +525,29 @@ class HFEngine(Engine):
             timings=timings,
             model=self.model_id,
             engine=self.name,
+            logprobs=tuple(job.logprobs or ()) if sampling.logprobs else None,
         )
+
+    @property
+    def vocab_size(self) -> int:
+        """The width of the model's logits (may exceed the tokenizer's vocabulary)."""
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        width = getattr(head, "out_features", None)
+        return int(width) if width else int(self.model.config.get_text_config().vocab_size)
+
+    def _check_logit_bias(self, sampling: SamplingParams) -> None:
+        vocab = self.vocab_size
+        for token, _ in sampling.logit_bias:
+            if token >= vocab:
+                raise BadRequestError(f"logit_bias names token {token}; this model's ids are 0 to {vocab - 1}", param="logit_bias")
+
+    def _compile(self, structured: StructuredOutput) -> Any:
+        with self._grammars_lock:
+            if self._grammars is None:
+                from vlmlab.engines.hf_structured import Grammars
+
+                self._grammars = Grammars(self.tokenizer, self.vocab_size)
+        return self._grammars.compile(structured)
 
     def _route(self) -> Any | None:
         """The least-loaded live replica, or None for this process (also on a tie)."""
@@ -591,6 +626,7 @@ class HFEngine(Engine):
             self.decode_ids,
             self.eos_ids,
             on_step=self.batcher.mark_progress,
+            pieces=self.pieces,
         )
         with torch.inference_mode():
             self.model.generate(

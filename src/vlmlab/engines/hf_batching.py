@@ -24,7 +24,8 @@ import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
 from vlmlab.engines.hf_preprocess import pad_cat, token_aligned
-from vlmlab.protocol.core import FinishReason, GenerationChunk, SamplingParams
+from vlmlab.engines.hf_logits import TokenPieces, process_row, token_logprob
+from vlmlab.protocol.core import FinishReason, GenerationChunk, SamplingParams, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,11 @@ class Job:
     finish_reason: FinishReason | None = None
     generator: torch.Generator | None = None
     image_features: list[torch.Tensor] | None = None  # encoded ahead: one tensor per image
+    constraint: Any = None  # structured outputs: a hf_structured.TokenConstraint
+    prompt_ids: torch.Tensor | None = None  # distinct prompt ids (repetition_penalty), lazily
+    step_logprobs: torch.Tensor | None = None  # this step's processed log probabilities
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked for
+    sent_logprobs: int = 0  # logprobs already streamed
 
     def emit(self, item: Any) -> None:
         pending = getattr(_emits, "pending", None)
@@ -154,6 +160,13 @@ class RowSampler(LogitsProcessor):
         if quiet and self.eos_ids:  # one indexing op for every ignore_eos row
             rows = torch.tensor(quiet, device=scores.device)[:, None]
             scores[rows, torch.tensor(self.eos_ids, device=scores.device)] = float("-inf")
+        for row, job in enumerate(self.jobs):  # bias, penalties, min_tokens, constraints
+            if job.finish_reason is not None:
+                continue
+            if job.sampling.processes_logits:
+                process_row(job, scores[row], self.eos_ids)
+            if job.sampling.logprobs:
+                job.step_logprobs = torch.log_softmax(scores[row].double(), dim=-1)
         for row, job in enumerate(self.jobs):
             params = job.sampling
             if params.greedy or job.finish_reason is not None:
@@ -191,11 +204,13 @@ class RowTracker(StoppingCriteria):
         decode: Callable[[list[int]], str],
         eos_ids: set[int],
         on_step: Callable[[], None] | None = None,
+        pieces: TokenPieces | None = None,
     ):
         self.jobs = jobs
         self.decode = decode
         self.eos_ids = eos_ids
         self.on_step = on_step
+        self.pieces = pieces  # token text and bytes, for logprobs
         self.aborted = 0
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
@@ -221,14 +236,24 @@ class RowTracker(StoppingCriteria):
             job.finish_reason = "stop"
         else:
             job.token_ids.append(token)
+            if job.step_logprobs is not None and self.pieces is not None:
+                record = token_logprob(job.step_logprobs, token, job.sampling.top_logprobs, self.pieces)
+                job.logprobs = [*(job.logprobs or []), record]
+            accepted = job.constraint is None or job.constraint.accept(token)
             job.text = self.decode(job.token_ids)
             stops = job.sampling.stop
             hits = [job.text.find(s) for s in stops if s and s in job.text]
             if hits:
                 job.text = job.text[: min(hits)]
                 job.finish_reason = "stop"
+            elif not accepted:  # cannot happen after the mask; never let it pass silently
+                logger.error("structured output: token %d was not allowed; ending the answer", token)
+                job.finish_reason = "stop"
+            elif job.constraint is not None and job.constraint.done:  # the answer is complete
+                job.finish_reason = "stop"
             elif len(job.token_ids) >= job.sampling.max_tokens:
                 job.finish_reason = "length"
+        job.step_logprobs = None
         self._stream(job)
 
     @staticmethod
@@ -247,9 +272,12 @@ class RowTracker(StoppingCriteria):
                     if text[:limit].endswith(stop[:k]):
                         limit -= k
                         break
-        if limit > job.sent:
-            job.emit(GenerationChunk(text=text[job.sent : limit], token_count=len(job.token_ids) - job.sent_tokens))
-            job.sent, job.sent_tokens = limit, len(job.token_ids)
+        pending = job.logprobs[job.sent_logprobs :] if job.logprobs and (limit > job.sent or job.finish_reason) else None
+        if limit > job.sent or pending:
+            chunk = GenerationChunk(text=text[job.sent : limit], token_count=len(job.token_ids) - job.sent_tokens, logprobs=tuple(pending) if pending else None)
+            job.emit(chunk)
+            job.sent, job.sent_tokens = max(limit, job.sent), len(job.token_ids)
+            job.sent_logprobs = len(job.logprobs or ())
 
 
 class Batcher:

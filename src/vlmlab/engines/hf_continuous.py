@@ -116,6 +116,7 @@ class ContinuousDecoder:
         self.last: torch.Tensor | None = None  # [B] last sampled token
         self.aborted = 0
         self.max_len = 1 << 30
+        self.pieces: Any = None  # hf_logits.TokenPieces, for logprobs (set by the engine)
 
     @property
     def active(self) -> int:
@@ -208,7 +209,7 @@ class ContinuousDecoder:
         finally:
             if wide:
                 torch.set_num_threads(decode_threads)
-        tracker = RowTracker(new, self.decode, self.eos_ids)
+        tracker = RowTracker(new, self.decode, self.eos_ids, pieces=self.pieces)
         tokens = self._sample(new, out.logits[:, -1, :], tracker)
         return _Prefilled(new, cache, mask, mask.sum(-1), tokens, tracker.aborted)
 
@@ -254,7 +255,7 @@ class ContinuousDecoder:
             )
         self.mask = mask
         self.positions = self.positions + 1  # type: ignore[operator]
-        tracker = RowTracker(self.jobs, self.decode, self.eos_ids)
+        tracker = RowTracker(self.jobs, self.decode, self.eos_ids, pieces=self.pieces)
         self.last = self._sample(self.jobs, out.logits[:, -1, :], tracker)
         self.aborted += tracker.aborted
         for job in self.jobs:  # context exhausted: the job ends where generate would stop

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # What a finished job's consumer reads besides its stream (HFEngine.generate's timings and text).
-_RESULT_FIELDS = ("started", "first_token", "last_token", "token_ids", "text", "finish_reason")
+_RESULT_FIELDS = ("started", "first_token", "last_token", "token_ids", "text", "finish_reason", "logprobs")
 
 
 def _send(conn: Any, message: Any) -> None:

@@ -40,7 +40,7 @@ import httpx
 
 from vlmlab.cache import LRUCache
 from vlmlab.config import EngineSpec
-from vlmlab.engines.base import Capabilities, Engine, EngineInfo, GenerationRequest, PromptCount
+from vlmlab.engines.base import FEATURES, Capabilities, Engine, EngineInfo, GenerationRequest, PromptCount
 from vlmlab.engines.remote_wire import (
     RemoteSettings,
     RemoteUsage,
@@ -49,6 +49,7 @@ from vlmlab.engines.remote_wire import (
     image_needs_encoding,
     openai_messages,
     parse_event,
+    parse_logprobs,
     parse_usage,
     remote_error,
     retry_after_s,
@@ -57,7 +58,7 @@ from vlmlab.engines.remote_wire import (
     status_of,
 )
 from vlmlab.families import Family, get_family
-from vlmlab.protocol.core import Chat, GenerationChunk, GenerationResult, Timings
+from vlmlab.protocol.core import Chat, GenerationChunk, GenerationResult, Timings, TokenLogprob
 from vlmlab.protocol.errors import (
     EngineError,
     EngineUnavailableError,
@@ -117,14 +118,17 @@ class _Attempt:
     finish: str | None = None
     done: bool = False
     usage: RemoteUsage | None = None
+    logprobs: list[TokenLogprob] | None = None
 
-    def add(self, text: str) -> GenerationChunk:
+    def add(self, text: str, logprobs: tuple[TokenLogprob, ...] | None = None) -> GenerationChunk:
         now = time.perf_counter()
         self.first_s = self.first_s or now
         self.last_s = now
         self.chunks += 1
         self.text.append(text)
-        return GenerationChunk(text, 1)
+        if logprobs is not None:
+            self.logprobs = [*(self.logprobs or []), *logprobs]
+        return GenerationChunk(text, len(logprobs) if logprobs else 1, logprobs=logprobs)
 
 
 @dataclass
@@ -148,7 +152,8 @@ class RemoteEngine(Engine):
     """A model served by an OpenAI-compatible server. Create with :meth:`load`."""
 
     name = "remote"
-    capabilities = Capabilities(streaming=True, batching=True, max_images=8, exact_token_counts=False)
+    # Every answer-shaping field is forwarded; the upstream server honours it or answers 400.
+    capabilities = Capabilities(streaming=True, batching=True, max_images=8, exact_token_counts=False, features=FEATURES)
 
     def __init__(
         self,
@@ -461,8 +466,9 @@ class RemoteEngine(Engine):
                 continue
             delta = choice.get("delta") or {}
             text = delta.get("content") if isinstance(delta, dict) else None
-            if isinstance(text, str) and text:
-                chunk = attempt.add(text)
+            logprobs = parse_logprobs(choice)
+            if (isinstance(text, str) and text) or logprobs:
+                chunk = attempt.add(text if isinstance(text, str) else "", logprobs)
             if choice.get("finish_reason"):
                 attempt.finish = str(choice["finish_reason"])
         return chunk
@@ -472,7 +478,7 @@ class RemoteEngine(Engine):
             raise EngineError(f"the remote server {self.settings.base_url} sent an unexpected answer: {text[:200]!r}")
         choice = obj["choices"][0]
         message = choice.get("message") or {}
-        attempt.add(str(message.get("content") or ""))
+        attempt.add(str(message.get("content") or ""), parse_logprobs(choice))
         attempt.finish = str(choice.get("finish_reason") or "stop")
         attempt.done = True
         attempt.usage = parse_usage(obj)
@@ -510,6 +516,7 @@ class RemoteEngine(Engine):
             timings=timings,
             model=self.model_id,
             engine=self.name,
+            logprobs=tuple(attempt.logprobs or ()) if request.sampling.logprobs else None,
         )
 
     # -- counting, info, health ----------------------------------------------------------------

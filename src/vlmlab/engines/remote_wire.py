@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 from vlmlab.config import EngineSpec
 from vlmlab.families import Family
 from vlmlab.media_net import short_ref
-from vlmlab.protocol.core import Chat, ImagePart, SamplingParams, TextPart
+from vlmlab.protocol.core import Chat, ImagePart, SamplingParams, StructuredOutput, TextPart, TokenLogprob
 from vlmlab.protocol.errors import (
     AuthenticationError,
     BadRequestError,
@@ -248,7 +248,57 @@ def sampling_fields(sampling: SamplingParams) -> dict[str, Any]:
         fields["stop"] = list(sampling.stop)
     if sampling.ignore_eos:
         fields["ignore_eos"] = True
+    if sampling.presence_penalty:
+        fields["presence_penalty"] = sampling.presence_penalty
+    if sampling.frequency_penalty:
+        fields["frequency_penalty"] = sampling.frequency_penalty
+    if sampling.repetition_penalty != 1.0:
+        fields["repetition_penalty"] = sampling.repetition_penalty
+    if sampling.logit_bias:
+        fields["logit_bias"] = {str(token): bias for token, bias in sampling.logit_bias}
+    if sampling.min_tokens:
+        fields["min_tokens"] = sampling.min_tokens
+    if sampling.logprobs:
+        fields["logprobs"] = True
+        if sampling.top_logprobs:
+            fields["top_logprobs"] = sampling.top_logprobs
+    if sampling.structured is not None:
+        fields.update(structured_fields(sampling.structured))
     return fields
+
+
+def structured_fields(structured: StructuredOutput) -> dict[str, Any]:
+    """The constraint in the field the client used: OpenAI's ``response_format``, vLLM's
+    ``structured_outputs`` or its older ``guided_*`` fields (the upstream decides what it takes)."""
+    kind, spec = structured.kind, structured.spec
+    value: Any = json.loads(spec) if kind in ("json_schema", "choice") else (True if kind == "json_object" else spec)
+    if structured.param == "response_format":
+        if kind == "json_object":
+            return {"response_format": {"type": "json_object"}}
+        schema = {"name": "response", "schema": value, **({"strict": True} if structured.strict else {})}
+        return {"response_format": {"type": "json_schema", "json_schema": schema}}
+    member = {"json_schema": "json", "json_object": "json_object"}.get(kind, kind)
+    if structured.param.startswith("guided_"):
+        return {f"guided_{member}": value}
+    return {"structured_outputs": {member: value}}
+
+
+def parse_logprobs(choice: Mapping[str, Any]) -> tuple[TokenLogprob, ...] | None:
+    """A choice's (or stream delta's) ``logprobs.content`` as core records, or None."""
+    block = choice.get("logprobs")
+    content = block.get("content") if isinstance(block, Mapping) else None
+    if not isinstance(content, list):
+        return None
+    out = []
+    for item in content:
+        if not isinstance(item, Mapping):
+            continue
+        top = tuple(
+            (str(t.get("token", "")), float(t.get("logprob", 0.0)), tuple(t.get("bytes") or ()))
+            for t in item.get("top_logprobs") or () if isinstance(t, Mapping)
+        )  # fmt: skip
+        out.append(TokenLogprob(str(item.get("token", "")), float(item.get("logprob", 0.0)), tuple(item.get("bytes") or ()), top))
+    return tuple(out)
 
 
 # -- server-sent events --------------------------------------------------------------------------

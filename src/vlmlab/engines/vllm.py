@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlmlab.config import EngineSpec
-from vlmlab.engines.base import Capabilities, Engine, EngineInfo, GenerationRequest, PromptCount
+from vlmlab.engines.base import FEATURES, Capabilities, Engine, EngineInfo, GenerationRequest, PromptCount
 from vlmlab.engines.sources import hub_load_plan, resolve_model
 from vlmlab.engines.vllm_translate import (
     TextDelta,
@@ -65,6 +65,7 @@ from vlmlab.engines.vllm_translate import (
     rule_image_tokens,
     rule_options,
     sampling_kwargs,
+    structured_outputs_kwargs,
     stats_timings,
     unavailable_reason,
 )
@@ -145,7 +146,11 @@ class VLLMEngine(Engine):
     """vLLM in this process. Create with :meth:`load`."""
 
     name = "vllm"
-    capabilities = Capabilities(streaming=True, batching=True, max_images=8, cancellation=True, exact_token_counts=True)
+    # Logprobs: vLLM computes them, but its outputs are not mapped back yet (a 400 until then).
+    capabilities = Capabilities(
+        streaming=True, batching=True, max_images=8, cancellation=True, exact_token_counts=True,
+        features=FEATURES - {"logprobs"},
+    )
 
     def __init__(self, spec: EngineSpec, settings: VLLMSettings, backend: Any, loop: _LoopThread | None,
                  family: Family | None, source: str, args: Mapping[str, Any], load_s: float):  # fmt: skip
@@ -304,9 +309,13 @@ class VLLMEngine(Engine):
 
     def _sampling(self, request: GenerationRequest) -> Any:
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-        return SamplingParams(**sampling_kwargs(request.sampling), output_kind=RequestOutputKind.CUMULATIVE)
+        kwargs = sampling_kwargs(request.sampling)
+        structured = structured_outputs_kwargs(request.sampling.structured)
+        if structured is not None:
+            kwargs["structured_outputs"] = StructuredOutputsParams(**structured)
+        return SamplingParams(**kwargs, output_kind=RequestOutputKind.CUMULATIVE)
 
     # -- generation ----------------------------------------------------------------------------
 

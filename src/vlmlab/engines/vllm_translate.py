@@ -14,6 +14,7 @@ offline.py`` (``_preprocess_chat``), ``vllm/renderers/base.py`` (``render_chat_a
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from vlmlab.config import EngineSpec
 from vlmlab.engines.quantization import spec_quantization, vllm_quantization
 from vlmlab.engines.remote_wire import encode_image
 from vlmlab.families import Family, get_family
-from vlmlab.protocol.core import Chat, FinishReason, ImagePart, SamplingParams, TextPart
+from vlmlab.protocol.core import Chat, FinishReason, ImagePart, SamplingParams, StructuredOutput, TextPart
 from vlmlab.protocol.errors import (
     BadRequestError,
     ConfigError,
@@ -266,7 +267,29 @@ def sampling_kwargs(sampling: SamplingParams) -> dict[str, Any]:
         "stop": list(sampling.stop) or None,
         "ignore_eos": sampling.ignore_eos,
         "skip_special_tokens": True,
+        # vllm/sampling_params.py: OpenAI's penalties, vLLM's repetition_penalty (1 = off),
+        # logit_bias by token id, min_tokens.
+        "presence_penalty": sampling.presence_penalty,
+        "frequency_penalty": sampling.frequency_penalty,
+        "repetition_penalty": sampling.repetition_penalty,
+        "logit_bias": dict(sampling.logit_bias) or None,
+        "min_tokens": sampling.min_tokens,
     }
+
+
+def structured_outputs_kwargs(structured: StructuredOutput | None) -> dict[str, Any] | None:
+    """Keyword arguments of vLLM's ``StructuredOutputsParams`` (vllm/sampling_params.py: one of
+    ``json``, ``regex``, ``choice``, ``grammar``, ``json_object``), or None."""
+    if structured is None:
+        return None
+    kind, spec = structured.kind, structured.spec
+    if kind == "json_schema":
+        return {"json": json.loads(spec)}
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "choice":
+        return {"choice": json.loads(spec)}
+    return {kind: spec}  # regex, grammar
 
 
 def merged_options(spec_options: Mapping[str, Any], request_options: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -131,9 +131,37 @@ class Chat:
         return sum(len(p.text) for m in self.messages for p in m.content if isinstance(p, TextPart))
 
 
+StructuredKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the answer's text, enforced token by token (structured outputs).
+
+    ``kind`` and ``spec``: ``json_schema`` (the schema as JSON text), ``json_object`` (any JSON
+    object; ``spec`` empty), ``regex`` (a regular expression the whole answer matches),
+    ``choice`` (a JSON list of strings: the answer is one of them), ``grammar`` (an EBNF grammar,
+    as vLLM's ``guided_grammar`` with xgrammar). ``strict``: OpenAI's ``json_schema.strict``
+    (no properties beyond the schema's). ``param``: the request field it came from, named in
+    errors (``response_format``, ``structured_outputs``, ``guided_json``, ...).
+    """
+
+    kind: StructuredKind
+    spec: str = ""
+    strict: bool = False
+    param: str = "response_format"
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample. ``temperature == 0`` means greedy; ``top_k == 0`` disables top-k."""
+    """How to sample. ``temperature == 0`` means greedy; ``top_k == 0`` disables top-k.
+
+    Logits are processed in this order before temperature, top-k and top-p: ``logit_bias``
+    (token id -> added bias), ``repetition_penalty`` (vLLM's: over prompt and output tokens),
+    ``frequency_penalty`` and ``presence_penalty`` (OpenAI's: over output tokens), ``min_tokens``
+    (no end-of-sequence before that many tokens) and ``structured`` (tokens the constraint does
+    not allow are removed). ``logprobs`` / ``top_logprobs`` report that processed distribution.
+    """
 
     max_tokens: int = 256
     temperature: float = 1.0
@@ -142,6 +170,14 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False  # keep generating to max_tokens (benchmarks), as vLLM's field
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    logprobs: bool = False
+    top_logprobs: int = 0
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -160,10 +196,45 @@ class SamplingParams:
             )
         if len(self.stop) > 16:
             raise BadRequestError("at most 16 stop strings are allowed", param="stop")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:  # OpenAI's range
+                raise BadRequestError(f"{name} must be between -2 and 2, got {value}", param=name)
+        if not 0.0 < self.repetition_penalty <= 10.0 or math.isnan(self.repetition_penalty):
+            raise BadRequestError(
+                f"repetition_penalty must be in (0, 10] (1 = off), got {self.repetition_penalty}",
+                param="repetition_penalty",
+            )
+        for token, bias in self.logit_bias:
+            if not -100.0 <= bias <= 100.0:  # OpenAI's range
+                raise BadRequestError(
+                    f"logit_bias for token {token} must be between -100 and 100, got {bias}",
+                    param="logit_bias",
+                )
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise BadRequestError(
+                f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), got {self.min_tokens}",
+                param="min_tokens",
+            )
+        if not 0 <= self.top_logprobs <= 20:  # OpenAI's range
+            raise BadRequestError(
+                f"top_logprobs must be between 0 and 20, got {self.top_logprobs}", param="top_logprobs"
+            )
+        if self.top_logprobs and not self.logprobs:
+            raise BadRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether anything changes the model's logits before sampling (beyond temperature,
+        top-k and top-p)."""
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+            or self.logit_bias or self.min_tokens or self.structured is not None
+        )  # fmt: skip
 
     @property
     def deterministic(self) -> bool:
@@ -195,6 +266,18 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log probability, and the most likely alternatives at its step
+    (``top``: ``(token, logprob, bytes)``, most likely first). ``token`` is the token's text;
+    ``bytes`` its UTF-8 bytes (a token that is part of a character carries that byte alone)."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
+
+
+@dataclass(frozen=True)
 class GenerationChunk:
     """A piece of streamed output. The last chunk of a stream has ``finish_reason`` set.
 
@@ -206,6 +289,7 @@ class GenerationChunk:
     text: str
     token_count: int = 0
     finish_reason: FinishReason | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None  # the chunk's tokens, when asked for
 
 
 @dataclass
@@ -223,6 +307,7 @@ class GenerationResult:
     timings: Timings = field(default_factory=Timings)
     model: str = ""
     engine: str = ""
+    logprobs: tuple[TokenLogprob, ...] | None = None  # every generated token's, when asked for
 
     @property
     def total_tokens(self) -> int:

@@ -21,8 +21,16 @@ from vlmlab.protocol.core import (
     SamplingParams,
     TextPart,
     Timings,
+    TokenLogprob,
 )
 from vlmlab.protocol.errors import BadRequestError
+from vlmlab.protocol.openai_sampling import (
+    ResponseFormat,
+    StructuredOutputsOptions,
+    logit_bias_items,
+    refuse_unhonoured,
+    structured_output,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +121,20 @@ class ChatCompletionRequest(OpenAIModel):
     mm_processor_kwargs: dict[str, Any] | None = None
     ignore_eos: StrictBool | None = False
     user: str | None = None
+    # Structured outputs: OpenAI's field, vLLM's current one and vLLM's older guided_* fields.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsOptions | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    logprobs: StrictBool | None = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0, allow_inf_nan=False)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]] | None = None
+    min_tokens: int | None = Field(default=None, ge=0, le=INT32_MAX)
 
     def to_chat(self) -> Chat:
         """The core chat: ``developer`` becomes ``system``; image URLs stay unloaded refs."""
@@ -143,6 +165,12 @@ class ChatCompletionRequest(OpenAIModel):
         """Sampling parameters; ``max_completion_tokens`` wins over the legacy ``max_tokens``."""
         if self.n not in (None, 1):
             raise BadRequestError(f"n={self.n} is not supported; only n=1 is", param="n")
+        refuse_unhonoured(self.model_extra or {})
+        guided = {
+            "guided_json": self.guided_json, "guided_regex": self.guided_regex,
+            "guided_choice": self.guided_choice, "guided_grammar": self.guided_grammar,
+        }  # fmt: skip
+        structured = structured_output(self.response_format, self.structured_outputs, guided)
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         for number, text in enumerate(stop):
             check_text(text, f"stop[{number}]", param="stop")
@@ -155,6 +183,14 @@ class ChatCompletionRequest(OpenAIModel):
             stop=stop,
             seed=self.seed,
             ignore_eos=bool(self.ignore_eos),
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias=logit_bias_items(self.logit_bias),
+            min_tokens=self.min_tokens or 0,
+            logprobs=bool(self.logprobs),
+            top_logprobs=self.top_logprobs or 0,
+            structured=structured,
         )
 
 
@@ -216,11 +252,37 @@ class AssistantMessage(BaseModel):
     content: str | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    """OpenAI's ``choices[].logprobs``: one entry per generated token."""
+
+    content: list[TokenLogprobOut] | None = None
+
+    @classmethod
+    def from_core(cls, items: tuple[TokenLogprob, ...] | None) -> ChoiceLogprobs | None:
+        if items is None:
+            return None
+        return cls(content=[
+            TokenLogprobOut(token=t.token, logprob=t.logprob, bytes=list(t.bytes),
+                            top_logprobs=[TopLogprob(token=a, logprob=b, bytes=list(c)) for a, b, c in t.top])
+            for t in items
+        ])  # fmt: skip
+
+
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 def new_completion_id() -> str:
@@ -244,6 +306,7 @@ class ChatCompletionResponse(BaseModel):
                 Choice(
                     message=AssistantMessage(content=result.text),
                     finish_reason=result.finish_reason,
+                    logprobs=ChoiceLogprobs.from_core(result.logprobs),
                 )
             ],
             usage=Usage.from_result(result),
@@ -260,7 +323,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -288,6 +351,9 @@ class ModelCard(BaseModel):
     max_images: int | None = None
     engine: str | None = None
     family: str | None = None
+    # The request features this model's engine honours (structured_outputs, logprobs,
+    # penalties, logit_bias, min_tokens); a request using another is answered 400.
+    supported_features: list[str] = Field(default_factory=list)
 
 
 class ModelList(BaseModel):

@@ -35,6 +35,7 @@ from vlmlab.protocol.openai import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChoiceLogprobs,
     ChunkChoice,
     DeltaMessage,
     ModelCard,
@@ -164,7 +165,8 @@ def create_app(settings: ServerSettings, chain: EngineChain | None = None) -> Fa
     @app.get("/v1/models", dependencies=auth)
     async def models(request: Request) -> dict[str, Any]:
         service = service_of(request)
-        info = service.chain.current().info()
+        engine = service.chain.current()
+        info = engine.info()
         card = ModelCard(
             id=settings.model_name,
             root=info.model,
@@ -172,6 +174,7 @@ def create_app(settings: ServerSettings, chain: EngineChain | None = None) -> Fa
             max_images=service.max_images(),
             engine=info.engine,
             family=info.family,
+            supported_features=sorted(engine.capabilities.features),
         )
         return ModelList(data=[card]).model_dump()
 
@@ -282,8 +285,9 @@ async def sse(body: ChatCompletionRequest, service: ChatService, first: Any, ite
     ``[DONE]``. An error after the stream started is sent as an SSE error event."""
     completion_id, created, model = new_completion_id(), int(time.time()), service.settings.model_name
 
-    def chunk(delta: DeltaMessage, finish: str | None = None, **extra: Any) -> str:
-        payload = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[ChunkChoice(delta=delta, finish_reason=finish)], **extra)
+    def chunk(delta: DeltaMessage, finish: str | None = None, logprobs: Any = None, **extra: Any) -> str:
+        choice = ChunkChoice(delta=delta, finish_reason=finish, logprobs=ChoiceLogprobs.from_core(logprobs))
+        payload = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[choice], **extra)
         return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -292,8 +296,8 @@ async def sse(body: ChatCompletionRequest, service: ChatService, first: Any, ite
     try:
         while True:
             if isinstance(item, GenerationChunk):
-                if item.text:
-                    yield chunk(DeltaMessage(content=item.text))
+                if item.text or item.logprobs:
+                    yield chunk(DeltaMessage(content=item.text), logprobs=item.logprobs)
             else:
                 result: GenerationResult = item
                 timings = TimingsOut.from_timings(result.timings, result.completion_tokens)

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 from vlmlab.cache import LRUCache, content_key
 from vlmlab.config import ServerSettings
 from vlmlab.engines import Engine, GenerationRequest, PromptCount
+from vlmlab.engines.base import check_features
 from vlmlab.media import (
     DecodePlan,
     ImageBytes,
@@ -178,6 +179,8 @@ class ChatService:
         """The request as core types: chat, sampling, processor options, preprocessing mode."""
         chat = body.to_chat()
         sampling = body.to_sampling(default_max_tokens=self.settings.default_max_tokens)
+        engine = self.chain.current()
+        check_features(engine.name, engine.capabilities, sampling)  # honoured, or a 400 naming it
         options = dict(body.mm_processor_kwargs or {})
         mode = options.pop("preprocess_mode", self.settings.preprocess_mode)
         if mode not in ("exact", "fast"):
@@ -416,7 +419,7 @@ class ChatService:
                     timings = replace(cached.timings, response_cache_hit=True, queue_s=0.0, total_s=time.perf_counter() - start)
                     result = replace(cached, timings=timings)
                     if result.text:
-                        yield GenerationChunk(result.text, result.completion_tokens)
+                        yield GenerationChunk(result.text, result.completion_tokens, logprobs=result.logprobs)
                     self.metrics.observe_result(result, time.perf_counter() - start)
                     yield result
                     return
