@@ -65,10 +65,11 @@ def test_request_with_interleaved_images_maps_to_core_chat_in_order() -> None:
 def test_unknown_fields_are_accepted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="vlmlab.protocol.openai"):
         req = ChatCompletionRequest.model_validate(
-            {"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5, "foo": 1}
+            {"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 0.5, "foo": 1, "store": True}
         )
-    assert req.model_extra == {"frequency_penalty": 0.5, "foo": 1}
-    assert "ignoring unknown fields ['foo', 'frequency_penalty']" in caplog.text
+    assert req.model_extra == {"foo": 1, "store": True}  # frequency_penalty is a field now
+    assert req.to_sampling().frequency_penalty == 0.5
+    assert "ignoring unknown fields ['foo', 'store']" in caplog.text
 
 
 @pytest.mark.parametrize(
