@@ -546,7 +546,7 @@ class HFEngine(Engine):
             if self._grammars is None:
                 from vlmlab.engines.hf_structured import Grammars
 
-                self._grammars = Grammars(self.tokenizer, self.vocab_size)
+                self._grammars = Grammars(self.tokenizer, self.vocab_size, stop_token_ids=sorted(self.eos_ids))
         return self._grammars.compile(structured)
 
     def _route(self) -> Any | None:

@@ -160,12 +160,16 @@ class RowSampler(LogitsProcessor):
         if quiet and self.eos_ids:  # one indexing op for every ignore_eos row
             rows = torch.tensor(quiet, device=scores.device)[:, None]
             scores[rows, torch.tensor(self.eos_ids, device=scores.device)] = float("-inf")
-        for row, job in enumerate(self.jobs):  # bias, penalties, min_tokens, constraints
-            if job.finish_reason is not None:
-                continue
-            if job.sampling.processes_logits:
+        for row, job in enumerate(self.jobs):  # bias, penalties, min_tokens
+            if job.finish_reason is None and job.sampling.processes_logits:
                 process_row(job, scores[row], self.eos_ids)
-            if job.sampling.logprobs:
+        constraints = [job.constraint if job.finish_reason is None else None for job in self.jobs]
+        if any(c is not None for c in constraints):  # structured outputs: one mask for the batch
+            from vlmlab.engines.hf_structured import mask_rows
+
+            mask_rows(scores, constraints)
+        for row, job in enumerate(self.jobs):
+            if job.finish_reason is None and job.sampling.logprobs:
                 job.step_logprobs = torch.log_softmax(scores[row].double(), dim=-1)
         for row, job in enumerate(self.jobs):
             params = job.sampling

@@ -3,7 +3,8 @@
 (vLLM's definition: over prompt and output tokens, a positive logit divided by the penalty, a
 negative one multiplied), ``frequency_penalty`` and ``presence_penalty`` (OpenAI's: the logit
 minus ``count * frequency + (count > 0) * presence`` over output tokens), ``min_tokens`` (no
-end-of-sequence yet), then the structured-output constraint's mask. Log probabilities are taken
+end-of-sequence yet), then the structured-output constraint's mask (one bitmask for the
+batch, :func:`vlmlab.engines.hf_structured.mask_rows`). Log probabilities are taken
 from the processed row, before temperature, top-k and top-p, so a greedy answer's tokens are
 their rows' most likely ones.
 """
@@ -44,8 +45,7 @@ def process_row(job: Any, row: torch.Tensor, eos_ids: Sequence[int]) -> None:
         row -= counts * params.frequency_penalty + (counts > 0).to(row.dtype) * params.presence_penalty
     if params.min_tokens and len(generated) < params.min_tokens and eos_ids:
         row[torch.tensor(list(eos_ids), device=row.device)] = float("-inf")
-    if job.constraint is not None:
-        job.constraint.mask(row)
+    # the constraint's mask comes next, for the whole batch at once (hf_structured.mask_rows)
 
 
 class TokenPieces:
