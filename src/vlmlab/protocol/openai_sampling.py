@@ -87,8 +87,8 @@ def structured_output(
 
 
 def _constraint(name: str, value: Any, param: str) -> StructuredOutput:
-    if name == "json":
-        return StructuredOutput("json_schema", value if isinstance(value, str) else _json_text(value), False, param)
+    if name == "json":  # strict, as vLLM's xgrammar backend compiles it
+        return StructuredOutput("json_schema", value if isinstance(value, str) else _json_text(value), True, param)
     if name == "json_object":
         return StructuredOutput("json_object", param=param)
     if name == "choice":
