@@ -4,7 +4,6 @@ penalties, logit_bias, min_tokens honoured as specified; every field vlmlab does
 
 from __future__ import annotations
 
-import json
 import math
 
 import httpx

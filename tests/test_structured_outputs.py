@@ -25,7 +25,7 @@ from serverutil import data_url, image_message, png_bytes, running_server
 from vlmlab.config import EngineSpec, ServerSettings
 
 RED = image_message("What colour is the shape?", data_url(png_bytes(96, 64, "red", "square")))
-MAX_TOKENS = 160
+MAX_TOKENS = 320
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +73,28 @@ def arrays(children: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dic
     return st.builds(lambda item, lo, span: {"type": "array", "items": item, "minItems": lo, "maxItems": lo + span}, children, st.integers(0, 2), st.integers(0, 2))
 
 
+def longest(schema: dict[str, Any]) -> int:
+    """Characters of the longest answer ``schema`` allows (a token covers at least one character,
+    so also a bound on its tokens); numbers count 24 (xgrammar bounds their value, not their digits)."""
+    if "enum" in schema:
+        return max(len(json.dumps(v)) for v in schema["enum"])
+    kind = schema["type"]
+    if kind == "integer":
+        return max(len(str(schema["minimum"])), len(str(schema["maximum"])))
+    if kind == "number":
+        return 24
+    if kind == "string":
+        return 2 + 6 * schema["maxLength"]  # every character may be an escape (\u0000)
+    if kind in ("boolean", "null"):
+        return 5
+    if kind == "array":
+        return 2 + schema["maxItems"] * (longest(schema["items"]) + 1)
+    return 2 + sum(len(json.dumps(name)) + 2 + longest(child) for name, child in schema["properties"].items())
+
+
 SCHEMAS = st.recursive(LEAVES, lambda inner: st.one_of(objects(inner), arrays(inner)), max_leaves=6).filter(
-    lambda s: s.get("type") in ("object", "array")  # a document, as structured outputs are used
+    # a document, as structured outputs are used, whose every answer fits in the token budget
+    lambda s: s.get("type") in ("object", "array") and longest(s) <= MAX_TOKENS - 8
 )
 
 

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlmlab.config import EngineSpec
+from vlmlab.config import EngineSpec, read_json_schema
 from vlmlab.engines import Engine, GenerationRequest, load_engine
 from vlmlab.media import MediaPolicy, load_image
-from vlmlab.protocol.core import Chat, GenerationChunk, GenerationResult, ImagePart, SamplingParams
+from vlmlab.protocol.core import (
+    Chat,
+    GenerationChunk,
+    GenerationResult,
+    ImagePart,
+    SamplingParams,
+    StructuredOutput,
+)
+from vlmlab.protocol.errors import ConfigError
 
 
 @dataclass
@@ -71,6 +80,40 @@ def run_chat(
         return ChatOutcome(result, load_s, time.perf_counter() - asked)
     finally:
         engine.close()
+
+
+def structured_output(
+    json_schema: str | Path | None = None,
+    json_object: bool = False,
+    regex: str | None = None,
+    choice: str | None = None,
+) -> StructuredOutput | None:
+    """The constraint ``vlmlab chat`` asks for: ``--json-schema FILE``, ``--json``, ``--regex`` or
+    ``--choice a,b,c`` (at most one), or None.
+
+    JSON constraints travel as OpenAI's ``response_format`` (``param``): the one field OpenAI,
+    Mistral, vLLM and vlmlab servers all take, so ``--engine remote`` forwards them anywhere.
+    The schema is strict (no properties beyond it), as OpenAI's ``strict: true``.
+
+    Raises:
+        ConfigError: more than one given, an unreadable / invalid schema file, an empty choice.
+    """
+    given = [flag for flag, value in (("--json-schema", json_schema), ("--json", json_object), ("--regex", regex), ("--choice", choice)) if value]
+    if len(given) > 1:
+        raise ConfigError(f"{' and '.join(given)} both constrain the answer: give only one of --json-schema, --json, --regex, --choice")
+    if json_schema:
+        schema = read_json_schema(json_schema, "--json-schema")
+        return StructuredOutput("json_schema", json.dumps(schema), strict=True, param="response_format")
+    if json_object:
+        return StructuredOutput("json_object", param="response_format")
+    if regex:
+        return StructuredOutput("regex", regex, param="--regex")
+    if choice:
+        options = [c.strip() for c in choice.split(",") if c.strip()]
+        if not options:
+            raise ConfigError(f"--choice {choice!r} has no choices; give them comma-separated, e.g. --choice red,green,blue")
+        return StructuredOutput("choice", json.dumps(options), param="--choice")
+    return None
 
 
 def speed_line(result: GenerationResult, wall_s: float, requests: int = 1) -> str:

@@ -214,6 +214,34 @@ def read_config_file(name_or_path: str) -> dict[str, Any]:
     return data
 
 
+def read_json_schema(path: str | Path, flag: str) -> dict[str, Any]:
+    """A JSON Schema file named by a command-line ``flag`` (``--json-schema``, ``--answer-schema``).
+
+    Returns:
+        The schema (a JSON object).
+
+    Raises:
+        ConfigError: one line naming the flag, the file and the problem (missing, unreadable,
+            not JSON, not an object).
+    """
+    import json
+
+    where = f"{flag} {path}"
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: cannot read it ({exc.__class__.__name__}: {exc})") from None
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    if not isinstance(schema, dict):
+        raise ConfigError(f"{where}: a JSON Schema is a JSON object, got a {type(schema).__name__}") from None
+    return schema
+
+
 def _byte_value(key: str, value: Any) -> int:
     if isinstance(value, str):
         from vlmlab.units import parse_bytes

@@ -40,13 +40,18 @@ def eval_command(
     judge_url: Annotated[str | None, typer.Option(help="OpenAI-compatible URL of an extraction judge (off by default).")] = None,
     judge_model: Annotated[str | None, typer.Option(help="The judge's model id.")] = None,
     judge_api_key: Annotated[str | None, typer.Option(envvar="VLMLAB_JUDGE_API_KEY")] = None,
+    response_format: Annotated[str | None, typer.Option(help="text (default) or json: each answer is an enforced {\"answer\": ...} (option letters, Yes/No or a short string, by dataset) and is scored as it is.")] = None,
+    answer_schema: Annotated[list[str] | None, typer.Option("--answer-schema", help="Your own answer JSON Schema (with an \"answer\" property), FILE or DATASET=FILE; implies --response-format json. Repeatable.")] = None,
 ) -> None:
     """Score models on benchmarks; crash-safe (one JSON line per sample) and resumable."""
+    from vlmlab.eval.answer_format import read_answer_schemas
     from vlmlab.eval.runner import EvalConfig, run_eval
     from vlmlab.eval.scoring import markdown_table
 
     def split(values: list[str]) -> tuple[str, ...]:
         return tuple(v.strip() for item in values for v in item.split(",") if v.strip())
+
+    schemas = read_answer_schemas(answer_schema or [])
 
     config = EvalConfig(
         models=split(model), datasets=split(dataset), output_dir=output_dir, engine=engine,
@@ -55,6 +60,7 @@ def eval_command(
         limit=limit, max_tokens=max_tokens, seed=seed, prompt_profile=prompt_profile,
         metric_mode=metric_mode, data_dir=data_dir, progress=progress,
         judge_url=judge_url, judge_model=judge_model, judge_api_key=judge_api_key,
+        response_format=(response_format or ("json" if schemas else "text")).strip().lower(), answer_schemas=schemas,
     )  # fmt: skip
     summaries = run_eval(config)
     console.print(markdown_table(summaries))

@@ -46,11 +46,16 @@ def chat(
     trust_remote_code: Annotated[bool, typer.Option(help="Allow the checkpoint's own code.")] = False,
     opt: Annotated[list[str] | None, typer.Option("--opt", help="Processor option NAME=VALUE.")] = None,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print text as it is generated.")] = True,
+    json_schema: Annotated[Path | None, typer.Option("--json-schema", help="Answer as JSON matching this JSON Schema file (enforced token by token).")] = None,
+    json_object: Annotated[bool, typer.Option("--json", help="Answer as a JSON object.")] = False,
+    regex: Annotated[str | None, typer.Option(help="Answer matching this regular expression.")] = None,
+    choice: Annotated[str | None, typer.Option(help="Answer with one of these comma-separated strings, e.g. red,green,blue.")] = None,
 ) -> None:
     """Ask one question about one or more images; prints the answer and a speed line."""
-    from vlmlab.chat import detail_line, nano_hint, run_chat, speed_line
+    from vlmlab.chat import detail_line, nano_hint, run_chat, speed_line, structured_output
     from vlmlab.config import EngineSpec
     from vlmlab.protocol.core import SamplingParams
+    from vlmlab.protocol.errors import BadRequestError, ConfigError
 
     spec = EngineSpec(
         model=model,
@@ -64,7 +69,8 @@ def chat(
     if engine.strip().lower() == "vllm":
         # vLLM's offline LLM.chat: one batch, and vLLM prints its own progress / speed line.
         spec = dataclasses.replace(spec, extra={"offline": True, **spec.extra})
-    sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    structured = structured_output(json_schema, json_object, regex, choice)  # a bad file fails before the model loads
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, structured=structured)
 
     def on_text(text: str) -> None:
         sys.stdout.write(text)
@@ -73,10 +79,23 @@ def chat(
     hint = nano_hint(model, question, len(image or []))
     if hint:
         err_console.print(hint, style="yellow", highlight=False)
-    outcome = run_chat(spec, question, image or [], sampling, on_text if stream else None, system)
+    try:
+        outcome = run_chat(spec, question, image or [], sampling, on_text if stream else None, system)
+    except BadRequestError as exc:
+        if structured is None or exc.param != "response_format":
+            raise  # --regex / --choice errors name their flag already
+        # Name the flag, not the wire field the engine saw ("response_format.json_schema.schema").
+        reason = exc.message.removeprefix("response_format.json_schema.schema").removeprefix("response_format").lstrip(": ")
+        flag = f"--json-schema {json_schema}" if json_schema else "--json"
+        raise ConfigError(f"{flag}: {reason}") from exc
     if not stream:
         sys.stdout.write(outcome.result.text)
     sys.stdout.write("\n")
+    if structured is not None and outcome.result.finish_reason == "length":
+        err_console.print(
+            f"note: the answer reached --max-tokens {max_tokens} before the constraint was complete "
+            "(the JSON may be cut off); raise --max-tokens", style="yellow", highlight=False,
+        )  # fmt: skip
     err_console.print(speed_line(outcome.result, outcome.wall_s), highlight=False)
     err_console.print(detail_line(outcome), style="dim", highlight=False)
 

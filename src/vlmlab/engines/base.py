@@ -34,7 +34,7 @@ class Capabilities:
     features: frozenset[str] = frozenset()
 
 
-FEATURES = frozenset({"structured_outputs", "logprobs", "penalties", "logit_bias", "min_tokens"})
+FEATURES = frozenset({"structured_outputs", "logprobs", "penalties", "logit_bias", "min_tokens", "tools"})
 
 
 def used_features(sampling: SamplingParams) -> list[tuple[str, str]]:
@@ -53,6 +53,8 @@ def used_features(sampling: SamplingParams) -> list[tuple[str, str]]:
         used.append(("logit_bias", "logit_bias"))
     if sampling.min_tokens:
         used.append(("min_tokens", "min_tokens"))
+    if sampling.tool_choice != "none":
+        used.append(("tools", "tools"))
     return used
 
 

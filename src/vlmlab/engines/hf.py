@@ -8,6 +8,7 @@ against the processor's real expansion for each request.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import resource
@@ -20,14 +21,29 @@ from typing import Any
 
 from vlmlab.cache import LRUCache
 from vlmlab.config import EngineSpec
-from vlmlab.engines.base import FEATURES, Capabilities, Engine, EngineInfo, GenerationRequest, PromptCount
+from vlmlab.engines.base import (
+    FEATURES,
+    Capabilities,
+    Engine,
+    EngineInfo,
+    GenerationRequest,
+    PromptCount,
+)
 from vlmlab.engines.hf_preprocess import RequestPreprocessor
 from vlmlab.engines.hf_prompt import PromptEncoder
 from vlmlab.engines.quantization import hf_quantization
 from vlmlab.engines.sources import hub_load_plan, known_model_names, resolve_model
 from vlmlab.families import Family, get_family
 from vlmlab.hub import did_you_mean
-from vlmlab.protocol.core import Chat, GenerationChunk, GenerationResult, ImagePart, SamplingParams, StructuredOutput, Timings
+from vlmlab.protocol.core import (
+    Chat,
+    GenerationChunk,
+    GenerationResult,
+    ImagePart,
+    SamplingParams,
+    StructuredOutput,
+    Timings,
+)
 from vlmlab.protocol.errors import (
     BadRequestError,
     ConfigError,
@@ -36,6 +52,7 @@ from vlmlab.protocol.errors import (
     NotFoundError,
     VlmlabError,
 )
+from vlmlab.protocol.tools import plain_chat
 
 logger = logging.getLogger(__name__)
 
@@ -151,8 +168,23 @@ def to_hf_messages(chat: Chat, mark: Callable[[str], str] | None = None) -> list
             else {"type": "text", "text": mark(p.text) if mark else p.text}
             for p in message.content
         ]
-        out.append({"role": message.role, "content": parts})
+        entry: dict[str, Any] = {"role": message.role, "content": parts}
+        if message.tool_calls:  # transformers' tool-use message format
+            entry["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": _json_or_text(c.arguments)}}
+                for c in message.tool_calls
+            ]
+        if message.tool_call_id:
+            entry["tool_call_id"] = message.tool_call_id
+        out.append(entry)
     return out
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 class HFEngine(Engine):
@@ -374,9 +406,19 @@ class HFEngine(Engine):
     def render(self, chat: Chat) -> str:
         """The prompt as the chat template writes it, with each control string from the chat's
         text wrapped in markers (:mod:`vlmlab.engines.hf_prompt`); text without one, as it is."""
-        messages = to_hf_messages(chat, self.prompts.mark)
         template_owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
-        return template_owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        kwargs: dict[str, Any] = {}
+        if chat.tools or any(m.role == "tool" or m.tool_calls for m in chat.messages):
+            template = getattr(template_owner, "chat_template", None)
+            if "tools" in str(template or ""):  # the checkpoint's own tool format
+                kwargs["tools"] = [
+                    {"type": "function", "function": {"name": t.name, "description": t.description, "parameters": json.loads(t.parameters)}}
+                    for t in chat.tools
+                ] or None
+            else:  # a template without tools: tools and tool turns as plain text
+                chat = plain_chat(chat)
+        messages = to_hf_messages(chat, self.prompts.mark)
+        return template_owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
 
     def _check_images(self, chat: Chat) -> None:
         if len(chat.images) > self.max_images:

@@ -40,10 +40,18 @@ import httpx
 
 from vlmlab.cache import LRUCache
 from vlmlab.config import EngineSpec
-from vlmlab.engines.base import FEATURES, Capabilities, Engine, EngineInfo, GenerationRequest, PromptCount
+from vlmlab.engines.base import (
+    FEATURES,
+    Capabilities,
+    Engine,
+    EngineInfo,
+    GenerationRequest,
+    PromptCount,
+)
 from vlmlab.engines.remote_wire import (
     RemoteSettings,
     RemoteUsage,
+    ToolCallBuffer,
     encode_image,
     estimate_prompt_tokens,
     image_needs_encoding,
@@ -56,6 +64,7 @@ from vlmlab.engines.remote_wire import (
     sampling_fields,
     sse_events,
     status_of,
+    tool_fields,
 )
 from vlmlab.families import Family, get_family
 from vlmlab.protocol.core import Chat, GenerationChunk, GenerationResult, Timings, TokenLogprob
@@ -119,6 +128,7 @@ class _Attempt:
     done: bool = False
     usage: RemoteUsage | None = None
     logprobs: list[TokenLogprob] | None = None
+    tool_calls: ToolCallBuffer = field(default_factory=ToolCallBuffer)
 
     def add(self, text: str, logprobs: tuple[TokenLogprob, ...] | None = None) -> GenerationChunk:
         now = time.perf_counter()
@@ -340,7 +350,7 @@ class RemoteEngine(Engine):
         if chat.images:  # PNG encoding of a large image takes a while: off the event loop
             encoded = await asyncio.get_running_loop().run_in_executor(None, self._encode_missing, chat)
         encode_s = time.perf_counter() - start
-        body = {**self._body(chat, encoded, request.processor_options), **sampling_fields(request.sampling)}
+        body = {**self._body(chat, encoded, request.processor_options), **sampling_fields(request.sampling), **tool_fields(chat, request.sampling)}
         self.counters["requests"] += 1
         waited = time.perf_counter()
         async with state.slots:
@@ -467,6 +477,8 @@ class RemoteEngine(Engine):
             delta = choice.get("delta") or {}
             text = delta.get("content") if isinstance(delta, dict) else None
             logprobs = parse_logprobs(choice)
+            if isinstance(delta, dict):
+                attempt.tool_calls.add(delta.get("tool_calls"))
             if (isinstance(text, str) and text) or logprobs:
                 chunk = attempt.add(text if isinstance(text, str) else "", logprobs)
             if choice.get("finish_reason"):
@@ -479,6 +491,7 @@ class RemoteEngine(Engine):
         choice = obj["choices"][0]
         message = choice.get("message") or {}
         attempt.add(str(message.get("content") or ""), parse_logprobs(choice))
+        attempt.tool_calls.add([{**c, "index": i} for i, c in enumerate(message.get("tool_calls") or ()) if isinstance(c, dict)])
         attempt.finish = str(choice.get("finish_reason") or "stop")
         attempt.done = True
         attempt.usage = parse_usage(obj)
@@ -517,6 +530,7 @@ class RemoteEngine(Engine):
             model=self.model_id,
             engine=self.name,
             logprobs=tuple(attempt.logprobs or ()) if request.sampling.logprobs else None,
+            tool_calls=attempt.tool_calls.result(),
         )
 
     # -- counting, info, health ----------------------------------------------------------------

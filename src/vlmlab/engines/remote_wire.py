@@ -23,7 +23,15 @@ from urllib.parse import urlsplit
 from vlmlab.config import EngineSpec
 from vlmlab.families import Family
 from vlmlab.media_net import short_ref
-from vlmlab.protocol.core import Chat, ImagePart, SamplingParams, StructuredOutput, TextPart, TokenLogprob
+from vlmlab.protocol.core import (
+    Chat,
+    ImagePart,
+    SamplingParams,
+    StructuredOutput,
+    TextPart,
+    TokenLogprob,
+    ToolCall,
+)
 from vlmlab.protocol.errors import (
     AuthenticationError,
     BadRequestError,
@@ -220,16 +228,60 @@ def openai_messages(chat: Chat, send_as: SendImagesAs, encoded: Mapping[str, str
     out: list[dict[str, Any]] = []
     for message in chat.messages:
         if not message.images:
-            out.append({"role": message.role, "content": message.text})
-            continue
-        parts = [
-            {"type": "text", "text": p.text}
-            if isinstance(p, TextPart)
-            else {"type": "image_url", "image_url": {"url": image_url(p, send_as, encoded)}}
-            for p in message.content
-        ]
-        out.append({"role": message.role, "content": parts})
+            entry: dict[str, Any] = {"role": message.role, "content": message.text}
+        else:
+            parts = [
+                {"type": "text", "text": p.text}
+                if isinstance(p, TextPart)
+                else {"type": "image_url", "image_url": {"url": image_url(p, send_as, encoded)}}
+                for p in message.content
+            ]
+            entry = {"role": message.role, "content": parts}
+        if message.tool_calls:
+            entry["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in message.tool_calls
+            ]
+            entry["content"] = entry["content"] or None
+        if message.tool_call_id:
+            entry["tool_call_id"] = message.tool_call_id
+        out.append(entry)
     return out
+
+
+def tool_fields(chat: Chat, sampling: SamplingParams) -> dict[str, Any]:
+    """The chat's tools and the request's tool_choice, as OpenAI's fields (none without tools)."""
+    if not chat.tools:
+        return {}
+    tools = [
+        {"type": "function", "function": {"name": t.name, "description": t.description, "parameters": json.loads(t.parameters)}}
+        for t in chat.tools
+    ]
+    choice: Any = sampling.tool_choice
+    if choice not in ("auto", "none", "required"):
+        choice = {"type": "function", "function": {"name": choice}}
+    return {"tools": tools, "tool_choice": choice, **({} if sampling.parallel_tool_calls else {"parallel_tool_calls": False})}
+
+
+class ToolCallBuffer:
+    """Calls as a stream sends them: pieces by ``index`` (id and name first, arguments in parts)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[int, dict[str, str]] = {}
+
+    def add(self, deltas: Any) -> None:
+        for delta in deltas if isinstance(deltas, list) else ():
+            if not isinstance(delta, Mapping):
+                continue
+            call = self.calls.setdefault(int(delta.get("index", len(self.calls))), {"id": "", "name": "", "arguments": ""})
+            function = delta.get("function") or {}
+            call["id"] = delta.get("id") or call["id"]
+            call["name"] = function.get("name") or call["name"]
+            call["arguments"] += function.get("arguments") or ""
+
+    def result(self) -> tuple[ToolCall, ...] | None:
+        if not self.calls:
+            return None
+        return tuple(ToolCall(c["id"], c["name"], c["arguments"] or "{}") for _, c in sorted(self.calls.items()))
 
 
 def sampling_fields(sampling: SamplingParams) -> dict[str, Any]:
@@ -262,8 +314,8 @@ def sampling_fields(sampling: SamplingParams) -> dict[str, Any]:
         fields["logprobs"] = True
         if sampling.top_logprobs:
             fields["top_logprobs"] = sampling.top_logprobs
-    if sampling.structured is not None:
-        fields.update(structured_fields(sampling.structured))
+    if sampling.structured is not None and sampling.structured.param != "tool_choice":
+        fields.update(structured_fields(sampling.structured))  # a forced call goes as tool_choice
     return fields
 
 

@@ -146,10 +146,10 @@ class VLLMEngine(Engine):
     """vLLM in this process. Create with :meth:`load`."""
 
     name = "vllm"
-    # Logprobs: vLLM computes them, but its outputs are not mapped back yet (a 400 until then).
+    # Logprobs and tools: vLLM has both, but their outputs are not mapped back yet (a 400 until then).
     capabilities = Capabilities(
         streaming=True, batching=True, max_images=8, cancellation=True, exact_token_counts=True,
-        features=FEATURES - {"logprobs"},
+        features=FEATURES - {"logprobs", "tools"},
     )
 
     def __init__(self, spec: EngineSpec, settings: VLLMSettings, backend: Any, loop: _LoopThread | None,

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from vlmlab.eval.datasets import get_dataset
-from vlmlab.eval.scoring import read_records, resolve_mode, score_record
+from vlmlab.eval.scoring import read_records, resolve_mode, run_response_format, score_record
 from vlmlab.protocol.errors import ConfigError
 
 BOOTSTRAP = 2000
@@ -55,7 +55,7 @@ def load_cells(output_dir: Path, metric_mode: str | None = None) -> list[Cell]:
     for path in files:
         spec = get_dataset(path.stem)
         mode = resolve_mode(spec, metric_mode)
-        records = read_records(path)
+        records = read_records(path, run_response_format(path))  # the answer format of its summary
         scores, by_id, categories = {}, {}, {}
         for record in records:
             sample = str(record["sample_id"])

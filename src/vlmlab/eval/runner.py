@@ -3,8 +3,9 @@
 Each answered sample is one JSON line appended to ``<output-dir>/<model>/<dataset>.jsonl`` and
 flushed to disk at once, keyed by a hash of everything that decides the answer (dataset and its
 revision, sample id, model, rendered prompt, image preprocessing options, generation
-parameters). A restarted run reads the keys already there, skips them, and fills only the
-misses, so a run killed at any point ends with exactly the results of an uninterrupted one.
+parameters, the answer format). A restarted run reads the keys already there, skips them, and
+fills only the misses, so a run killed at any point ends with exactly the results of an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from vlmlab.cache import content_key
 from vlmlab.config import EngineSpec
 from vlmlab.engines import Engine, GenerationRequest, check_model, complete, load_engine
+from vlmlab.eval import answer_format
 from vlmlab.eval.types import DatasetSpec, EvalSample
 from vlmlab.protocol.core import Chat, ImageData, ImagePart, Message, SamplingParams
 from vlmlab.protocol.errors import ConfigError, VlmlabError
@@ -57,6 +59,11 @@ class EvalConfig:
     judge_url: str | None = None
     judge_model: str | None = None
     judge_api_key: str | None = None
+    # "text" (free answers, extracted by each metric's rules) or "json" (an enforced
+    # {"answer": ...} per sample, see vlmlab.eval.answer_format); answer_schemas: the user's own
+    # schemas as JSON text, by dataset key or "*" for every dataset (json only).
+    response_format: str = "text"
+    answer_schemas: Mapping[str, str] = field(default_factory=dict)
 
     def judge(self) -> Any:
         """The extraction judge, or None (the default: rules only, unparsed rows reported)."""
@@ -95,15 +102,18 @@ def image_digest(image: Any) -> str:
     return digest.hexdigest()
 
 
-def build_chat(spec: DatasetSpec, sample: EvalSample, profile: str) -> tuple[Chat, str, list[str]]:
+def build_chat(spec: DatasetSpec, sample: EvalSample, profile: str, suffix: str = "") -> tuple[Chat, str, list[str]]:
     """The chat for a sample under a prompt profile, its rendered text (images as ``<image>``)
-    and the image digests, in prompt order."""
+    and the image digests, in prompt order. ``suffix`` is appended to the prompt's last text
+    (the JSON instruction of ``--response-format json``)."""
     builder = spec.prompts.get(profile)
     if builder is None:
         raise ConfigError(
             f"dataset {spec.key!r} has no prompt profile {profile!r}. Profiles: {', '.join(spec.prompts) or 'none'}"
         )
     pieces = builder(sample)
+    if suffix:
+        pieces = answer_format.with_suffix(pieces, suffix)
     parts: list[Any] = []
     rendered: list[str] = []
     digests: list[str] = []
@@ -198,14 +208,18 @@ async def run_dataset(
     """Answer every sample not yet in the results file; returns counts."""
     path = Path(config.output_dir) / model_slug(model) / f"{spec.key}.jsonl"
     results = ResultsFile(path)
-    run = DatasetRun(model, spec.key, path, done_before=len(results.records), info=dict(info))
+    done = sum(r.get("response_format", "text") == config.response_format for r in results.records.values())
+    run = DatasetRun(model, spec.key, path, done_before=done, info=dict(info))
     engine_info = engine.info()
-    max_tokens = config.max_tokens or spec.max_tokens_for(config.prompt_profile)
-    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=config.seed)
+    as_json = config.response_format == "json"
+    custom = config.answer_schemas.get(spec.key) or config.answer_schemas.get(answer_format.ANY_DATASET)
+    max_tokens = answer_format.max_tokens(spec, config.prompt_profile, config.response_format, config.max_tokens, bool(custom))
+    base_sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=config.seed)
     gate = asyncio.Semaphore(config.concurrency or max(1, config.batch_size * 2))
     start = time.perf_counter()
+    fatal: list[VlmlabError] = []
 
-    async def answer(sample: EvalSample, chat: Chat, rendered: str, key: str) -> None:
+    async def answer(sample: EvalSample, chat: Chat, rendered: str, key: str, sampling: SamplingParams) -> None:
         try:
             try:
                 result = await complete(engine, GenerationRequest(chat, sampling, dict(config.processor_options)))
@@ -214,6 +228,13 @@ async def run_dataset(
                 timing = {"ttft_s": result.timings.ttft_s, "total_s": result.timings.total_s}
                 finish = result.finish_reason
             except VlmlabError as exc:  # recorded, never silently dropped: the summary counts it
+                if as_json and (exc.param == answer_format.PARAM or isinstance(exc, ConfigError)):
+                    # The schema (or structured outputs) fails: every sample would, so the run
+                    # stops, recording nothing; the message names the flag, not the wire field.
+                    flag = "--answer-schema" if custom else "--response-format json"
+                    reason = exc.message.removeprefix("response_format.json_schema.schema").lstrip(": ")
+                    fatal.append(ConfigError(f"{flag} ({spec.key}): {reason}"))
+                    raise fatal[-1] from exc
                 prediction, error, usage, timing, finish = "", exc.message, {}, {}, "error"
                 run.errors += 1
         finally:
@@ -236,6 +257,9 @@ async def run_dataset(
             "timings": timing,
             "generation": asdict(sampling),
         }
+        if as_json:  # the scored answer is the JSON's "answer"; the model's text stays beside it
+            parsed = answer_format.parse_answer(prediction) if error is None else None
+            record.update(prediction=parsed or "", raw_prediction=prediction, response_format="json", answer_parsed=parsed is not None)
         results.append(record)
         run.answered += 1
         if on_result:
@@ -246,15 +270,24 @@ async def run_dataset(
         # Samples are read lazily and at most `gate` of them are in flight, so a 5,000-image
         # dataset never sits in memory at once.
         for sample in samples:
-            chat, rendered, digests = build_chat(spec, sample, config.prompt_profile)
+            sampling, suffix, parts = base_sampling, "", []
+            if as_json:  # the schema is in the sampling (and the instruction in the prompt) keyed below
+                schema = json.loads(custom) if custom else answer_format.answer_schema(spec, sample)
+                sampling = replace(base_sampling, structured=answer_format.structured(schema))
+                suffix = answer_format.prompt_suffix(schema, custom=bool(custom))
+                parts = [{"response_format": "json"}]  # text-mode keys stay those of earlier runs
+            chat, rendered, digests = build_chat(spec, sample, config.prompt_profile, suffix)
             key = content_key(
                 spec.key, info.get("revision"), sample.id, engine_info.engine, engine_info.model,
-                rendered, digests, dict(config.processor_options), asdict(sampling),
+                rendered, digests, dict(config.processor_options), asdict(sampling), *parts,
             )  # fmt: skip
             if key in results.records:
                 continue
             await gate.acquire()
-            task = asyncio.create_task(answer(sample, chat, rendered, key))
+            if fatal:
+                gate.release()
+                break
+            task = asyncio.create_task(answer(sample, chat, rendered, key, sampling))
             pending.add(task)
             task.add_done_callback(pending.discard)
         if pending:
@@ -265,6 +298,49 @@ async def run_dataset(
         results.close()
     run.seconds = time.perf_counter() - start
     return run
+
+
+def check_answer_format(config: EvalConfig, specs: Iterable[DatasetSpec]) -> None:
+    """``--response-format`` / ``--answer-schema`` settings that cannot work fail before any work.
+
+    Raises:
+        ConfigError: an unknown format, schemas without ``json``, a schema for a dataset the run
+            does not evaluate, or a schema without an ``answer`` property.
+    """
+    if config.response_format not in answer_format.RESPONSE_FORMATS:
+        raise ConfigError(f"--response-format {config.response_format!r} is not one of: {', '.join(answer_format.RESPONSE_FORMATS)}")
+    if config.answer_schemas and config.response_format != "json":
+        raise ConfigError("--answer-schema needs --response-format json")
+    keys = {spec.key for spec in specs}
+    for key, text in config.answer_schemas.items():
+        if key != answer_format.ANY_DATASET and key not in keys:
+            raise ConfigError(f"--answer-schema names {key}, which this run does not evaluate (datasets: {', '.join(sorted(keys))})")
+        try:
+            schema = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"the answer schema for {key} is not valid JSON ({exc.msg})") from None
+        if not isinstance(schema, dict):
+            raise ConfigError(f"the answer schema for {key} must be a JSON object")
+        answer_format.check_custom_schema(schema, f"the answer schema for {key}")
+
+
+def check_structured_outputs(engine: Engine) -> None:
+    """``--response-format json`` needs an engine that enforces a JSON schema.
+
+    Raises:
+        ConfigError: naming the engine and the ones that can.
+    """
+    from vlmlab.engines.base import check_features
+    from vlmlab.protocol.errors import BadRequestError
+
+    probe = SamplingParams(structured=answer_format.structured({"type": "object"}))
+    try:
+        check_features(engine.name, engine.capabilities, probe)
+    except BadRequestError:
+        raise ConfigError(
+            f"--response-format json needs structured outputs, which the {engine.name} engine does not "
+            "enforce; use --engine hf, vllm or remote, or --response-format text"
+        ) from None
 
 
 def load_model(config: EvalConfig, model: str) -> Engine:
@@ -293,6 +369,7 @@ def run_eval(config: EvalConfig) -> list[dict[str, Any]]:
     from vlmlab.eval.scoring import resolve_mode, score_record, summarize
 
     specs = [get_dataset(key) for key in config.datasets]  # unknown names fail before any work
+    check_answer_format(config, specs)
     for spec in specs:
         resolve_mode(spec, config.metric_mode)
         if config.prompt_profile not in spec.prompts:
@@ -307,6 +384,8 @@ def run_eval(config: EvalConfig) -> list[dict[str, Any]]:
     for model in config.models:
         engine = load_model(config, model)
         try:
+            if config.response_format == "json":
+                check_structured_outputs(engine)
             for spec in specs:
                 samples, info = opened.pop(spec.key, None) or load_samples(spec, config.data_dir, config.limit)
                 total = min(info.rows, config.limit) if config.limit is not None else info.rows
@@ -324,12 +403,14 @@ def run_eval(config: EvalConfig) -> list[dict[str, Any]]:
 
                 with progress:
                     existing = ResultsFile(Path(config.output_dir) / model_slug(model) / f"{spec.key}.jsonl")
-                    progress.update(task, advance=len(existing.records))
+                    progress.update(task, advance=sum(r.get("response_format", "text") == config.response_format for r in existing.records.values()))
                     existing.close()
                     run = asyncio.run(run_dataset(engine, model, spec, samples, dict(info), config, on_result))
                 from vlmlab.eval.scoring import read_records
 
-                summary = summarize(spec, read_records(run.path), config.metric_mode, dict(info), judge)
+                # Only this run's answer format: a results file may also hold answers given the other way.
+                records = read_records(run.path, config.response_format)
+                summary = summarize(spec, records, config.metric_mode, dict(info), judge)
                 summary["run"] = {"answered_now": run.answered, "resumed_from": run.done_before, "errors_now": run.errors, "seconds": round(run.seconds, 3)}
                 summary["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items() if k != "judge_api_key"}
                 run.path.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -349,7 +430,7 @@ def rescore(output_dir: Path, metric_mode: str | None = None, judge: Any = None)
     dataset's default mode) they replace them, merged.
     """
     from vlmlab.eval.datasets import get_dataset
-    from vlmlab.eval.scoring import read_records, summarize
+    from vlmlab.eval.scoring import read_records, run_response_format, summarize
 
     files = sorted(Path(output_dir).glob("*/*.jsonl"))
     if not files:
@@ -359,7 +440,9 @@ def rescore(output_dir: Path, metric_mode: str | None = None, judge: Any = None)
         spec = get_dataset(path.stem)
         old_path = path.with_suffix(".summary.json")
         old = json.loads(old_path.read_text()) if old_path.exists() else {}
-        summary = summarize(spec, read_records(path), metric_mode, old.get("dataset_info", {}), judge)
+        # The answer format of the run that wrote the summary (a file may hold both formats).
+        records = read_records(path, run_response_format(path))
+        summary = summarize(spec, records, metric_mode, old.get("dataset_info", {}), judge)
         summary.update({key: old[key] for key in ("run", "settings") if key in old})
         summary_name = ".summary.json" if metric_mode is None else f".{metric_mode}.summary.json"
         path.with_suffix(summary_name).write_text(json.dumps(summary, indent=2, default=str))

@@ -54,6 +54,11 @@ def score_record(spec: DatasetSpec, record: Mapping[str, Any], mode: str, judge:
     base = dict(key=record["key"], sample_id=str(record["sample_id"]), category=None if category is None else str(category))
     if record.get("error"):
         return SampleScore(score=0.0, parsed=False, error=True, **base)
+    # --response-format json: the prediction is the JSON's "answer"; a reply that was no such JSON
+    # is unparsed (scored 0, never guessed), and a letter / yes-no answer is used as it is.
+    as_json = record.get("response_format") == "json"
+    if as_json and not record.get("answer_parsed"):
+        return SampleScore(score=0.0, parsed=False, error=False, extra={"letter": None, "correct": None, "judged": False}, **base)
     prediction, answers, metric = record.get("prediction") or "", record.get("answers") or [], spec.metric
     if metric in ("relaxed_accuracy", "anls", "vqa_accuracy", "exact_match", "ocrbench", "chartqapro"):
         kwargs = {k: fields[k] for k in M.MODES[metric].fields if k in fields}
@@ -64,7 +69,8 @@ def score_record(spec: DatasetSpec, record: Mapping[str, Any], mode: str, judge:
         if metric == "mcq" and gold.upper() not in LETTERS[: max(4, len(fields.get("choices") or []))]:
             value = M.score("exact_match", prediction, answers, "official")  # a free-text gold
             return SampleScore(score=value, parsed=True, error=False, **base)
-        letter = M.extract_mcq(prediction, fields.get("choices") or [], mode)
+        letter = _json_letter(prediction, fields) if as_json else None
+        letter = letter or M.extract_mcq(prediction, fields.get("choices") or [], mode)
         judged = False
         if letter is None and judge is not None and fields.get("choices"):
             letter, judged = judge.choice(record.get("prompt", ""), fields["choices"], prediction), True
@@ -81,17 +87,29 @@ def score_record(spec: DatasetSpec, record: Mapping[str, Any], mode: str, judge:
                 precision=fields.get("precision"), mode=mode,
             )  # fmt: skip
 
+        letter = _json_letter(prediction, fields) if as_json else None
+        if letter is not None and fields.get("question_type") == "multi_choice":
+            prediction = fields["choices"][LETTERS.index(letter)]  # the choice text the rules compare
         correct, judged = check(prediction), False
         if correct is None and judge is not None:
             extracted = judge.value(record.get("prompt", ""), prediction)
             correct, judged = (check(extracted) if extracted else None), True
         return SampleScore(score=float(bool(correct)), parsed=correct is not None, error=False, extra={"judged": judged}, **base)
     if metric == "hallusion":
-        said = M.extract_yes_no(prediction)
+        direct = prediction.strip().lower() if as_json else ""
+        said = direct if direct in ("yes", "no") else M.extract_yes_no(prediction)
         gold = {"1": "yes", "0": "no"}.get(str(answers[0]).strip().lower(), str(answers[0]).strip().lower())
         correct = said == gold if said is not None else False
         return SampleScore(score=float(correct), parsed=said is not None, error=False, extra={"correct": correct}, **base)
     raise ConfigError(f"dataset {spec.key!r} names an unknown metric {metric!r}")
+
+
+def _json_letter(answer: str, fields: Mapping[str, Any]) -> str | None:
+    """A JSON answer that is one of the sample's option letters, as it is (else None)."""
+    letter = answer.strip().upper()
+    options = fields.get("options") or {}
+    valid = list(options) if options else LETTERS[: len(fields.get("choices") or [])]
+    return letter if len(letter) == 1 and letter in valid else None
 
 
 def aggregate(spec: DatasetSpec, records: Sequence[Mapping[str, Any]], scores: Sequence[SampleScore]) -> dict[str, Any]:
@@ -131,6 +149,8 @@ def summarize(spec: DatasetSpec, records: Iterable[Mapping[str, Any]], mode: str
         "scored": len(counted),
         "errors": sum(s.error for s in scores),
         "unparsed": sum((not s.parsed) and not s.error for s in scores),
+        # of those, --response-format json replies that were no {"answer": ...} JSON (cut off)
+        "json_unparsed": sum(r.get("response_format") == "json" and not r.get("answer_parsed") and not r.get("error") for r in ordered),
         "judged": sum(bool(s.extra.get("judged")) for s in scores),
         "judge": None if judge is None else {"url": judge.base_url, "model": judge.model},
         "by_category": {k: sum(v) / len(v) for k, v in sorted(by_category.items())},
@@ -138,6 +158,7 @@ def summarize(spec: DatasetSpec, records: Iterable[Mapping[str, Any]], mode: str
         "tokens": {k: sum(u.get(k, 0) for u in usage) for k in ("prompt_tokens", "image_tokens", "completion_tokens")},
         "generation_seconds": round(total_s, 3),
         "prompt_profile": ordered[0].get("prompt_profile") if ordered else None,
+        "response_format": ordered[0].get("response_format", "text") if ordered else None,
         "generation": ordered[0].get("generation") if ordered else None,
         "dataset_info": dict(info or {}),
         "versions": versions(),
@@ -156,8 +177,9 @@ def versions() -> dict[str, str]:
     return out
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """Complete JSON lines of a results file (a torn last line is ignored)."""
+def read_records(path: Path, response_format: str | None = None) -> list[dict[str, Any]]:
+    """Complete JSON lines of a results file (a torn last line is ignored); with
+    ``response_format`` (``text`` / ``json``) only the answers given that way."""
     records: dict[str, dict[str, Any]] = {}
     with path.open("rb") as f:
         for raw in f:
@@ -168,7 +190,18 @@ def read_records(path: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 break
             records.setdefault(record["key"], record)
-    return list(records.values())
+    if response_format is None:
+        return list(records.values())
+    return [r for r in records.values() if r.get("response_format", "text") == response_format]
+
+
+def run_response_format(path: Path) -> str | None:
+    """The ``--response-format`` of the run that wrote the summary beside a results file
+    (``text`` for runs from before the option), or None when there is no summary."""
+    summary = path.with_suffix(".summary.json")
+    if not summary.exists():
+        return None
+    return (json.loads(summary.read_text()).get("settings") or {}).get("response_format", "text")
 
 
 def markdown_table(summaries: Sequence[Mapping[str, Any]]) -> str:

@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from vlmlab.protocol.errors import BadRequestError
 
-Role = Literal["system", "user", "assistant"]
-FinishReason = Literal["stop", "length", "abort", "error"]
+Role = Literal["system", "user", "assistant", "tool"]
+FinishReason = Literal["stop", "length", "abort", "error", "tool_calls"]
 
 
 @dataclass(frozen=True)
@@ -74,16 +74,41 @@ Part = TextPart | ImagePart
 
 
 @dataclass(frozen=True)
+class Tool:
+    """A function the model may call: ``parameters`` is its arguments' JSON schema (JSON text)."""
+
+    name: str
+    description: str = ""
+    parameters: str = '{"type":"object","properties":{}}'
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call the model made: ``arguments`` is a JSON object as text (as OpenAI sends it)."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class Message:
+    """One turn. An assistant turn may carry ``tool_calls`` (its content then often empty); a
+    ``tool`` turn is a call's result, ``tool_call_id`` naming the call."""
+
     role: Role
     content: tuple[Part, ...]
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
     def __post_init__(self) -> None:
-        if self.role not in ("system", "user", "assistant"):
+        if self.role not in ("system", "user", "assistant", "tool"):
             raise BadRequestError(
-                f"unknown message role {self.role!r}; use 'system', 'user' or 'assistant'",
+                f"unknown message role {self.role!r}; use 'system', 'user', 'assistant' or 'tool'",
                 param="messages",
             )
+        if self.tool_calls and self.role != "assistant":
+            raise BadRequestError(f"tool_calls belong to assistant messages, not {self.role}", param="messages")
         if self.role != "user" and any(isinstance(p, ImagePart) for p in self.content):
             raise BadRequestError(
                 f"images are only accepted in user messages, found one in a {self.role} message",
@@ -110,6 +135,7 @@ class Chat:
     """A conversation; the last message is normally the user's turn to answer."""
 
     messages: tuple[Message, ...]
+    tools: tuple[Tool, ...] = ()  # functions offered to the model (rendered into the prompt)
 
     def __post_init__(self) -> None:
         if not self.messages:
@@ -178,6 +204,11 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     structured: StructuredOutput | None = None
+    # With tools offered: "auto" (the model decides; its answer is parsed for calls), "none"
+    # (no calls), "required" (at least one call) or a function's name (that call); a forced
+    # call is enforced through ``structured``. ``parallel_tool_calls``: more than one call.
+    tool_choice: str = "auto"
+    parallel_tool_calls: bool = True
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -308,6 +339,7 @@ class GenerationResult:
     model: str = ""
     engine: str = ""
     logprobs: tuple[TokenLogprob, ...] | None = None  # every generated token's, when asked for
+    tool_calls: tuple[ToolCall, ...] | None = None  # the answer's calls (finish_reason "tool_calls")
 
     @property
     def total_tokens(self) -> int:

@@ -6,12 +6,13 @@ Request models accept unknown fields (``extra="allow"``) and log them as ignored
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_serializer, model_validator
 
 from vlmlab.protocol.core import (
     Chat,
@@ -22,6 +23,8 @@ from vlmlab.protocol.core import (
     TextPart,
     Timings,
     TokenLogprob,
+    Tool,
+    ToolCall,
 )
 from vlmlab.protocol.errors import BadRequestError
 from vlmlab.protocol.openai_sampling import (
@@ -31,6 +34,7 @@ from vlmlab.protocol.openai_sampling import (
     refuse_unhonoured,
     structured_output,
 )
+from vlmlab.protocol.tools import check_choice, forced_call
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +75,42 @@ class ImageURLContent(OpenAIModel):
 ContentPart = Annotated[TextContent | ImageURLContent, Field(discriminator="type")]
 
 
+class FunctionCallOut(OpenAIModel):
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCallOut(OpenAIModel):
+    """A call in an assistant message (sent back by clients, and in answers)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatMessage(OpenAIModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionSpec(OpenAIModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None
+
+
+class ToolSpec(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionCallOut | dict[str, str]
 
 
 class StreamOptions(OpenAIModel):
@@ -135,12 +171,20 @@ class ChatCompletionRequest(OpenAIModel):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0, allow_inf_nan=False)
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]] | None = None
     min_tokens: int | None = Field(default=None, ge=0, le=INT32_MAX)
+    tools: list[ToolSpec] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
 
     def to_chat(self) -> Chat:
         """The core chat: ``developer`` becomes ``system``; image URLs stay unloaded refs."""
         messages = []
         for index, message in enumerate(self.messages):
             role = "system" if message.role == "developer" else message.role
+            calls = tuple(
+                ToolCall(call.id, call.function.name, call.function.arguments) for call in message.tool_calls or ()
+            )
+            if role == "tool" and not message.tool_call_id:
+                raise BadRequestError(f"messages[{index}]: a tool message needs tool_call_id", param="messages")
             if message.content is None or isinstance(message.content, str):
                 check_text(message.content or "", f"messages[{index}].content")
                 parts: tuple[TextPart | ImagePart, ...] = (TextPart(message.content or ""),)
@@ -156,10 +200,29 @@ class ChatCompletionRequest(OpenAIModel):
                     for p in message.content
                 )
             try:
-                messages.append(Message(role, parts))  # type: ignore[arg-type]
+                messages.append(Message(role, parts, calls, message.tool_call_id if role == "tool" else None))  # type: ignore[arg-type]
             except BadRequestError as exc:
                 raise BadRequestError(f"messages[{index}]: {exc.message}", param="messages") from exc
-        return Chat(tuple(messages))
+        return Chat(tuple(messages), self.offered_tools())
+
+    def offered_tools(self) -> tuple[Tool, ...]:
+        """``tools`` as core records (a function without parameters takes an empty object)."""
+        empty = {"type": "object", "properties": {}}
+        return tuple(
+            Tool(t.function.name, t.function.description or "", json.dumps(t.function.parameters or empty, sort_keys=True))
+            for t in self.tools or ()
+        )
+
+    def tool_choice_name(self) -> str:
+        """``tool_choice`` as one string: auto (the default with tools), none, required or a name."""
+        choice = self.tool_choice
+        if choice is None:
+            return "auto" if self.tools else "none"
+        if isinstance(choice, str):
+            return choice
+        function = choice.function
+        name = function.name if isinstance(function, FunctionCallOut) else function.get("name", "")
+        return name
 
     def to_sampling(self, *, default_max_tokens: int = 256) -> SamplingParams:
         """Sampling parameters; ``max_completion_tokens`` wins over the legacy ``max_tokens``."""
@@ -171,6 +234,13 @@ class ChatCompletionRequest(OpenAIModel):
             "guided_choice": self.guided_choice, "guided_grammar": self.guided_grammar,
         }  # fmt: skip
         structured = structured_output(self.response_format, self.structured_outputs, guided)
+        tools = self.offered_tools()
+        choice = self.tool_choice_name()
+        check_choice(tools, choice)
+        forced = forced_call(tools, choice, self.parallel_tool_calls is not False)
+        if forced is not None and structured is not None:
+            raise BadRequestError(f"a forced tool call ({choice}) and {structured.param} cannot both constrain the answer", param="tool_choice")
+        structured = structured or forced
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         for number, text in enumerate(stop):
             check_text(text, f"stop[{number}]", param="stop")
@@ -191,6 +261,8 @@ class ChatCompletionRequest(OpenAIModel):
             logprobs=bool(self.logprobs),
             top_logprobs=self.top_logprobs or 0,
             structured=structured,
+            tool_choice=choice if tools else "none",
+            parallel_tool_calls=self.parallel_tool_calls is not False,
         )
 
 
@@ -250,6 +322,21 @@ class TimingsOut(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_empty_calls(self, handler: Any) -> dict[str, Any]:
+        """``tool_calls`` only when there are calls, as OpenAI answers (``content`` stays, null then)."""
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
+
+
+def tool_calls_out(calls: tuple[ToolCall, ...] | None) -> list[ToolCallOut] | None:
+    if not calls:
+        return None
+    return [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)) for c in calls]
 
 
 class TopLogprob(BaseModel):
@@ -304,7 +391,7 @@ class ChatCompletionResponse(BaseModel):
             model=model,
             choices=[
                 Choice(
-                    message=AssistantMessage(content=result.text),
+                    message=AssistantMessage(content=result.text or (None if result.tool_calls else ""), tool_calls=tool_calls_out(result.tool_calls)),
                     finish_reason=result.finish_reason,
                     logprobs=ChoiceLogprobs.from_core(result.logprobs),
                 )
@@ -314,9 +401,19 @@ class ChatCompletionResponse(BaseModel):
         )
 
 
+class ToolCallDelta(BaseModel):
+    """A streamed call: sent whole, in one delta (index, id, name and all the arguments)."""
+
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):

@@ -128,10 +128,8 @@ def _unset(value: Any) -> bool:
 
 
 REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "tools": (_unset, "tool calling is not supported yet; leave tools out"),
-    "tool_choice": (lambda v: v in (None, "none", "auto"), "tool calling is not supported yet"),
-    "functions": (_unset, "function calling is not supported; leave functions out"),
-    "function_call": (lambda v: v in (None, "none", "auto"), "function calling is not supported"),
+    "functions": (_unset, "the legacy functions field is not supported; send tools"),
+    "function_call": (lambda v: v in (None, "none", "auto"), "the legacy function_call field is not supported; send tool_choice"),
     "audio": (_unset, "audio output is not supported"),
     "modalities": (lambda v: v in (None, ["text"]), "only text output is supported: modalities ['text']"),
     "prediction": (_unset, "predicted outputs are not supported"),

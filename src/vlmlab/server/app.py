@@ -38,9 +38,11 @@ from vlmlab.protocol.openai import (
     ChoiceLogprobs,
     ChunkChoice,
     DeltaMessage,
+    FunctionCallOut,
     ModelCard,
     ModelList,
     TimingsOut,
+    ToolCallDelta,
     Usage,
     new_completion_id,
 )
@@ -300,6 +302,10 @@ async def sse(body: ChatCompletionRequest, service: ChatService, first: Any, ite
                     yield chunk(DeltaMessage(content=item.text), logprobs=item.logprobs)
             else:
                 result: GenerationResult = item
+                if result.tool_calls:  # each call whole, in one delta
+                    calls = [ToolCallDelta(index=i, id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments))
+                             for i, c in enumerate(result.tool_calls)]  # fmt: skip
+                    yield chunk(DeltaMessage(content=result.text or None, tool_calls=calls))
                 timings = TimingsOut.from_timings(result.timings, result.completion_tokens)
                 yield chunk(DeltaMessage(), result.finish_reason, timings=timings)
                 if include_usage:  # every response carries timings (README), the usage chunk too

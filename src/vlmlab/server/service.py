@@ -27,6 +27,7 @@ from vlmlab.cache import LRUCache, content_key
 from vlmlab.config import ServerSettings
 from vlmlab.engines import Engine, GenerationRequest, PromptCount
 from vlmlab.engines.base import check_features
+from vlmlab.protocol.tools import might_be_calls, parse_tool_calls
 from vlmlab.media import (
     DecodePlan,
     ImageBytes,
@@ -41,7 +42,6 @@ from vlmlab.protocol.core import (
     GenerationResult,
     ImageData,
     ImagePart,
-    Message,
     SamplingParams,
     TextPart,
 )
@@ -181,6 +181,8 @@ class ChatService:
         sampling = body.to_sampling(default_max_tokens=self.settings.default_max_tokens)
         engine = self.chain.current()
         check_features(engine.name, engine.capabilities, sampling)  # honoured, or a 400 naming it
+        if chat.tools and sampling.tool_choice == "none" and "tools" not in engine.capabilities.features:
+            raise BadRequestError(f"tools are not supported by the {engine.name} engine", param="tools")
         options = dict(body.mm_processor_kwargs or {})
         mode = options.pop("preprocess_mode", self.settings.preprocess_mode)
         if mode not in ("exact", "fast"):
@@ -273,8 +275,8 @@ class ChatService:
         messages = []
         for message in chat.messages:
             parts = tuple(ImagePart(ref=p.ref, data=next(it)) if isinstance(p, ImagePart) else p for p in message.content)
-            messages.append(Message(message.role, parts))
-        return Chat(tuple(messages))
+            messages.append(replace(message, content=parts))
+        return replace(chat, messages=tuple(messages))
 
     def image_memory_stats(self) -> dict[str, Any]:
         """Image-memory admission, for ``/stats``: the budget and the bytes in use (estimated
@@ -389,13 +391,51 @@ class ChatService:
         if not sampling.deterministic or not self.responses.enabled:
             return None
         messages = [
-            [m.role, [p.text if isinstance(p, TextPart) else {"image": p.data.sha256 if p.data else p.ref} for p in m.content]]
+            [m.role, [p.text if isinstance(p, TextPart) else {"image": p.data.sha256 if p.data else p.ref} for p in m.content],
+             [c.__dict__ for c in m.tool_calls], m.tool_call_id]
             for m in chat.messages
-        ]
+        ]  # fmt: skip
         engine = self.chain.current().info()
-        return content_key(engine.engine, engine.model, messages, sampling.__dict__, dict(options))
+        tools = [t.__dict__ for t in chat.tools]
+        return content_key(engine.engine, engine.model, messages, tools, sampling.__dict__, dict(options))
 
     async def stream(self, body: ChatCompletionRequest) -> AsyncIterator[GenerationChunk | GenerationResult]:
+        """The answer as a stream (see :meth:`_stream`); with tools offered, an answer that calls
+        them ends in a result with ``tool_calls`` and its call text is not streamed as content."""
+        tools = body.offered_tools() if body.tools else ()
+        items = self._stream(body)
+        if not tools or body.tool_choice_name() == "none":
+            async for item in items:
+                yield item
+            return
+        held: list[GenerationChunk] = []  # text that may still turn out to be a call
+        text = ""
+        try:
+            async for item in items:
+                if isinstance(item, GenerationChunk):
+                    text += item.text
+                    if might_be_calls(text):
+                        held.append(item)
+                        continue
+                    if held:
+                        yield GenerationChunk("".join(c.text for c in held) + item.text, sum(c.token_count for c in held) + item.token_count)
+                        held = []
+                        continue
+                    yield item
+                    continue
+                parsed = parse_tool_calls(item.text, tools) if item.tool_calls is None and item.finish_reason == "stop" else None
+                if parsed is not None:
+                    content, calls = parsed
+                    item = replace(item, text=content, tool_calls=calls, finish_reason="tool_calls")
+                elif item.tool_calls:
+                    item = replace(item, finish_reason="tool_calls")
+                elif held:  # not a call after all: the text that was held back
+                    yield GenerationChunk("".join(c.text for c in held), sum(c.token_count for c in held))
+                yield item
+        finally:
+            await items.aclose()
+
+    async def _stream(self, body: ChatCompletionRequest) -> AsyncIterator[GenerationChunk | GenerationResult]:
         """The whole pipeline as one stream; errors before the first item are plain exceptions.
 
         The request deadline covers everything, image fetching included (504 after it).
