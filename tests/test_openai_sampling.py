@@ -1,5 +1,5 @@
 """The chat API's answer-shaping fields on a real server (nano, official openai client): logprobs,
-penalties, logit_bias, min_tokens honoured as specified; every field vlmlab does not honour is a
+penalties, logit_bias, min_tokens, n honoured as specified; every field vlmlab does not honour is a
 400 that names it, never a silent 200."""
 
 from __future__ import annotations
@@ -123,10 +123,9 @@ def test_min_tokens_holds_back_the_end(client: openai.OpenAI) -> None:
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),
-        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),  # without tools
         ({"functions": [{"name": "f"}]}, "functions"),
-        ({"n": 2}, "n"),
+        ({"n": 17}, "n"),
         ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
         ({"modalities": ["text", "audio"]}, "modalities"),
         ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
@@ -162,4 +161,30 @@ def test_harmless_fields_are_accepted(server) -> None:
 
 def test_models_lists_the_features_honoured(client: openai.OpenAI) -> None:
     card = client.models.list().data[0]
-    assert set(card.model_extra["supported_features"]) == {"structured_outputs", "logprobs", "penalties", "logit_bias", "min_tokens"}
+    assert set(card.model_extra["supported_features"]) == {"structured_outputs", "logprobs", "penalties", "logit_bias", "min_tokens", "tools"}
+
+
+def test_n_choices_share_the_image_work(client: openai.OpenAI) -> None:
+    """n answers: each its own sample (choice i seeded seed + i), the prompt counted once; the
+    later choices find the first one's image work in the caches."""
+    kwargs = {"model": "nano", "messages": RED, "temperature": 1.0, "seed": 3, "max_tokens": 6, "n": 4, "extra_body": {"ignore_eos": True}}
+    whole = client.chat.completions.create(**kwargs)
+    assert [c.index for c in whole.choices] == [0, 1, 2, 3]
+    texts = [c.message.content for c in whole.choices]
+    assert len(set(texts)) > 1  # independent samples
+    assert whole.usage.completion_tokens == 4 * 6 and whole.usage.prompt_tokens_details.image_tokens > 0
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + 24
+    streamed: dict[int, str] = {}
+    hits: dict[int, int] = {}
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                hits[choice.index] = chunk.model_extra["timings"]["preprocess_cache_hits"]
+    assert [streamed[i] for i in range(4)] == texts  # the same seeds, streamed or not
+    assert all(hits[i] >= 1 for i in (1, 2, 3)), hits  # the image was preprocessed once
+
+
+def test_greedy_choices_agree(client: openai.OpenAI) -> None:
+    reply = greedy(client, max_tokens=6, n=3)
+    assert [c.message.content for c in reply.choices] == ["red"] * 3

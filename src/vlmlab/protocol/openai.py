@@ -123,6 +123,7 @@ class StreamOptions(OpenAIModel):
 # 32-bit one. Out of range is a 400 naming the field, not an overflow inside the engine.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 INT32_MAX = 2**31 - 1
+MAX_N = 16  # choices per request (each is a generation: more is a batch job, not a request)
 
 
 def check_text(text: str, where: str, param: str = "messages") -> None:
@@ -150,8 +151,8 @@ class ChatCompletionRequest(OpenAIModel):
     top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX)
     seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | list[str] | None = None
-    # Only one choice is generated (n > 1 is refused, and the schema says so).
-    n: int | None = Field(default=1, ge=1, json_schema_extra={"maximum": 1})
+    # Independent answers (choices), up to MAX_N.
+    n: int | None = Field(default=1, ge=1, le=MAX_N)
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     mm_processor_kwargs: dict[str, Any] | None = None
@@ -226,8 +227,6 @@ class ChatCompletionRequest(OpenAIModel):
 
     def to_sampling(self, *, default_max_tokens: int = 256) -> SamplingParams:
         """Sampling parameters; ``max_completion_tokens`` wins over the legacy ``max_tokens``."""
-        if self.n not in (None, 1):
-            raise BadRequestError(f"n={self.n} is not supported; only n=1 is", param="n")
         refuse_unhonoured(self.model_extra or {})
         guided = {
             "guided_json": self.guided_json, "guided_regex": self.guided_regex,
@@ -282,11 +281,18 @@ class Usage(BaseModel):
 
     @classmethod
     def from_result(cls, result: GenerationResult) -> Usage:
+        return cls.from_results([result])
+
+    @classmethod
+    def from_results(cls, results: list[GenerationResult]) -> Usage:
+        """One prompt (as OpenAI counts ``n`` choices: the prompt once, every choice's tokens)."""
+        prompt, image = results[0].prompt_tokens, results[0].image_tokens
+        completion = sum(r.completion_tokens for r in results)
         return cls(
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            total_tokens=result.total_tokens,
-            prompt_tokens_details=PromptTokensDetails(image_tokens=result.image_tokens),
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(image_tokens=image),
         )
 
 
@@ -387,17 +393,24 @@ class ChatCompletionResponse(BaseModel):
 
     @classmethod
     def from_result(cls, result: GenerationResult, *, model: str) -> ChatCompletionResponse:
+        return cls.from_results([result], model=model)
+
+    @classmethod
+    def from_results(cls, results: list[GenerationResult], *, model: str) -> ChatCompletionResponse:
+        """One choice per result, in order; ``timings`` are the first choice's."""
         return cls(
             model=model,
             choices=[
                 Choice(
+                    index=index,
                     message=AssistantMessage(content=result.text or (None if result.tool_calls else ""), tool_calls=tool_calls_out(result.tool_calls)),
                     finish_reason=result.finish_reason,
                     logprobs=ChoiceLogprobs.from_core(result.logprobs),
                 )
+                for index, result in enumerate(results)
             ],
-            usage=Usage.from_result(result),
-            timings=TimingsOut.from_timings(result.timings, result.completion_tokens),
+            usage=Usage.from_results(results),
+            timings=TimingsOut.from_timings(results[0].timings, results[0].completion_tokens),
         )
 
 

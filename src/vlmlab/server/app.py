@@ -147,9 +147,9 @@ def create_app(settings: ServerSettings, chain: EngineChain | None = None) -> Fa
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         service = service_of(request)
         check_model(body, service)
-        items = service.stream(body)
+        items = service.choices(body)
         if not body.stream:
-            return await respond(request, service, items)
+            return await respond(request, service, items, body.n or 1)
         first = await anext(items)  # errors before any output become plain HTTP errors
         return StreamingResponse(sse(body, service, first, items), media_type="text/event-stream")
 
@@ -254,14 +254,17 @@ def check_model(body: ChatCompletionRequest, service: ChatService) -> None:
         raise NotFoundError(f"The model {body.model!r} does not exist; this server serves {served!r}", param="model")
 
 
-async def respond(request: Request, service: ChatService, items: AsyncIterator[Any]) -> Response:
-    """Drain the generation (which, not streamed, may yield its result alone); cancel it when the
-    client disconnects before the answer. Its errors become plain HTTP errors."""
+async def respond(request: Request, service: ChatService, items: AsyncIterator[Any], n: int = 1) -> Response:
+    """Drain the generations (which, not streamed, may yield their results alone); cancel them
+    when the client disconnects before the answer. Their errors become plain HTTP errors."""
 
-    async def drain() -> GenerationResult:
-        async for item in items:
+    async def drain() -> list[GenerationResult]:
+        results: dict[int, GenerationResult] = {}
+        async for index, item in items:
             if isinstance(item, GenerationResult):
-                return item
+                results[index] = item
+                if len(results) == n:
+                    return [results[i] for i in range(n)]
         raise EngineError("the engine ended the generation without a result")
 
     task = asyncio.ensure_future(drain())
@@ -272,13 +275,13 @@ async def respond(request: Request, service: ChatService, items: AsyncIterator[A
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
                 return JSONResponse({}, status_code=499)
-        result = task.result()
+        results = task.result()
     finally:
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         await items.aclose()
-    body = ChatCompletionResponse.from_result(result, model=service.settings.model_name)
+    body = ChatCompletionResponse.from_results(results, model=service.settings.model_name)
     return Response(body.model_dump_json(), media_type="application/json")
 
 
@@ -287,32 +290,39 @@ async def sse(body: ChatCompletionRequest, service: ChatService, first: Any, ite
     ``[DONE]``. An error after the stream started is sent as an SSE error event."""
     completion_id, created, model = new_completion_id(), int(time.time()), service.settings.model_name
 
-    def chunk(delta: DeltaMessage, finish: str | None = None, logprobs: Any = None, **extra: Any) -> str:
-        choice = ChunkChoice(delta=delta, finish_reason=finish, logprobs=ChoiceLogprobs.from_core(logprobs))
+    def chunk(index: int, delta: DeltaMessage, finish: str | None = None, logprobs: Any = None, **extra: Any) -> str:
+        choice = ChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=ChoiceLogprobs.from_core(logprobs))
         payload = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[choice], **extra)
         return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    yield chunk(DeltaMessage(role="assistant", content=""))
-    item = first
+    n = body.n or 1
+    for index in range(n):
+        yield chunk(index, DeltaMessage(role="assistant", content=""))
+    results: dict[int, GenerationResult] = {}
+    index, item = first
     try:
         while True:
             if isinstance(item, GenerationChunk):
                 if item.text or item.logprobs:
-                    yield chunk(DeltaMessage(content=item.text), logprobs=item.logprobs)
+                    yield chunk(index, DeltaMessage(content=item.text), logprobs=item.logprobs)
             else:
                 result: GenerationResult = item
+                results[index] = result
                 if result.tool_calls:  # each call whole, in one delta
                     calls = [ToolCallDelta(index=i, id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments))
                              for i, c in enumerate(result.tool_calls)]  # fmt: skip
-                    yield chunk(DeltaMessage(content=result.text or None, tool_calls=calls))
+                    yield chunk(index, DeltaMessage(content=result.text or None, tool_calls=calls))
                 timings = TimingsOut.from_timings(result.timings, result.completion_tokens)
-                yield chunk(DeltaMessage(), result.finish_reason, timings=timings)
-                if include_usage:  # every response carries timings (README), the usage chunk too
-                    usage = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[], usage=Usage.from_result(result), timings=timings)
-                    yield f"data: {usage.model_dump_json()}\n\n"
-                break
-            item = await anext(items)
+                yield chunk(index, DeltaMessage(), result.finish_reason, timings=timings)
+                if len(results) == n:
+                    if include_usage:  # every response carries timings (README), the usage chunk too
+                        ordered = [results[i] for i in range(n)]
+                        first_timings = TimingsOut.from_timings(ordered[0].timings, ordered[0].completion_tokens)
+                        usage = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[], usage=Usage.from_results(ordered), timings=first_timings)
+                        yield f"data: {usage.model_dump_json()}\n\n"
+                    break
+            index, item = await anext(items)
     except VlmlabError as exc:
         service.metrics.observe_error(exc.status_code)
         yield f"data: {json.dumps(exc.to_openai())}\n\n"

@@ -399,6 +399,53 @@ class ChatService:
         tools = [t.__dict__ for t in chat.tools]
         return content_key(engine.engine, engine.model, messages, tools, sampling.__dict__, dict(options))
 
+    async def choices(self, body: ChatCompletionRequest) -> AsyncIterator[tuple[int, GenerationChunk | GenerationResult]]:
+        """``(choice index, item)`` for each of the request's ``n`` answers, interleaved as they come.
+
+        With ``n`` > 1 the first answer starts alone; the others start once it has produced its
+        first item, so its image work (decoding, the processor, the vision tower) is in the
+        caches and they reuse it (their prefills run together). Choice ``i`` samples with
+        ``seed + i`` when a seed is given. Errors before the first item are plain exceptions."""
+        n = body.n or 1
+        if n == 1:
+            async for item in self.stream(body):
+                yield 0, item
+            return
+        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        started = asyncio.Event()
+
+        async def run(index: int) -> None:
+            copy = body.model_copy(update={"n": 1, "seed": None if body.seed is None else body.seed + index})
+            try:
+                async for item in self.stream(copy):
+                    started.set()
+                    await queue.put((index, item))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+                started.set()
+                await queue.put((index, exc))
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+            finally:
+                await queue.put((index, None))
+
+        tasks = [asyncio.create_task(run(0))]
+        try:
+            await started.wait()
+            tasks += [asyncio.create_task(run(i)) for i in range(1, n)]
+            running = n
+            while running:
+                index, item = await queue.get()
+                if item is None:
+                    running -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     async def stream(self, body: ChatCompletionRequest) -> AsyncIterator[GenerationChunk | GenerationResult]:
         """The answer as a stream (see :meth:`_stream`); with tools offered, an answer that calls
         them ends in a result with ``tool_calls`` and its call text is not streamed as content."""
