@@ -756,3 +756,28 @@ def test_a_processor_config_the_family_does_not_know_turns_the_vlmlab_path_off(t
         assert result.image_tokens == 4 + 2  # 2x2 merged patches + vision start / end
     finally:
         engine.close()
+
+
+def test_answer_shaping_works_on_every_decode_path(loaded: Loaded) -> None:
+    """Structured outputs, logprobs, logit_bias and penalties on each architecture: continuous
+    batching (1-D RoPE text models) and ``generate`` (Qwen2-VL's M-RoPE) alike. Random weights:
+    only the constraint's shape and the logprobs' consistency are checked."""
+    import re
+
+    from vlmlab.protocol.core import StructuredOutput
+
+    engine = loaded.engine
+    spec = specs_for(loaded.case)[0]
+    sampling = SamplingParams(
+        max_tokens=12, temperature=0, logprobs=True, top_logprobs=3, repetition_penalty=1.3, frequency_penalty=0.5,
+        structured=StructuredOutput("regex", "[0-9]{2}-[a-c]{2}"),
+    )  # fmt: skip
+    result = asyncio.run(complete(engine, GenerationRequest(chat_of(spec), sampling, dict(spec.options))))
+    assert re.fullmatch("[0-9]{2}-[a-c]{2}", result.text), result.text
+    assert result.finish_reason == "stop"
+    assert result.logprobs is not None and len(result.logprobs) == result.completion_tokens
+    assert "".join(t.token for t in result.logprobs) == result.text
+    assert all(t.top[0][0] == t.token for t in result.logprobs)  # greedy: the most likely allowed token
+    choice = StructuredOutput("choice", '["alpha", "beta"]')
+    picked = asyncio.run(complete(engine, GenerationRequest(chat_of(spec), SamplingParams(max_tokens=12, temperature=1.0, seed=1, structured=choice), dict(spec.options))))
+    assert picked.text in ("alpha", "beta")

@@ -188,3 +188,26 @@ def test_n_choices_share_the_image_work(client: openai.OpenAI) -> None:
 def test_greedy_choices_agree(client: openai.OpenAI) -> None:
     reply = greedy(client, max_tokens=6, n=3)
     assert [c.message.content for c in reply.choices] == ["red"] * 3
+
+
+def test_the_remote_engine_forwards_every_field(server) -> None:
+    """A vlmlab server in front of another (engine remote): the fields travel upstream and the
+    logprobs come back."""
+    settings = ServerSettings(engines=(EngineSpec(model="nano", engine="remote", extra={"base_url": server.base_url}),), response_cache_entries=0)
+    with running_server(settings) as proxy:
+        client = openai.OpenAI(base_url=proxy.base_url, api_key="unused", max_retries=0)
+        schema = {"type": "object", "properties": {"colour": {"enum": ["red", "green"]}}, "required": ["colour"], "additionalProperties": False}
+        reply = client.chat.completions.create(
+            model="nano", messages=RED, temperature=0, max_tokens=20, logprobs=True, top_logprobs=2,
+            response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": True}},
+        )  # fmt: skip
+        assert reply.choices[0].message.content == '{"colour":"red"}'
+        content = reply.choices[0].logprobs.content
+        assert "".join(t.token for t in content) == reply.choices[0].message.content
+        biased = client.chat.completions.create(
+            model="nano", messages=RED, temperature=0, max_tokens=4, logprobs=True,
+            logit_bias={str(i): -100 for i in range(448) if i != 300}, extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        assert len({t.token for t in biased.choices[0].logprobs.content}) == 1 and biased.usage.completion_tokens == 4
+        choice = client.chat.completions.create(model="nano", messages=RED, temperature=1.0, seed=2, max_tokens=8, extra_body={"guided_choice": ["left", "right"]})
+        assert choice.choices[0].message.content in ("left", "right")
