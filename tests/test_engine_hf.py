@@ -59,7 +59,7 @@ def reference_inputs(chat: Chat):
     """What transformers itself makes of the chat: AutoProcessor + the checkpoint's template."""
     from transformers import AutoProcessor
 
-    from vlmlab.engines.hf import to_hf_messages
+    from vlmlab.engines.hf_prompt import to_hf_messages
 
     processor = AutoProcessor.from_pretrained(checkpoint_path())
     prompt = processor.apply_chat_template(to_hf_messages(chat), add_generation_prompt=True, tokenize=False)

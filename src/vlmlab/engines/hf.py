@@ -15,7 +15,7 @@ import resource
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from vlmlab.engines.base import (
     PromptCount,
 )
 from vlmlab.engines.hf_preprocess import RequestPreprocessor
-from vlmlab.engines.hf_prompt import PromptEncoder
+from vlmlab.engines.hf_prompt import PromptEncoder, fast_decode, to_hf_messages, token_span_bound
 from vlmlab.engines.quantization import hf_quantization
 from vlmlab.engines.sources import hub_load_plan, known_model_names, resolve_model
 from vlmlab.families import Family, get_family
@@ -85,36 +85,6 @@ def check_nano_transformers(installed: str | None = None) -> None:
 LONG_TEXT_CHARS = 20_000
 
 
-# Normalizers that never shrink a text by more than this factor (composition: Hangul jamo L+V+T
-# into one syllable is the largest, 3 to 1); any other normalizer may delete text, so no bound.
-COMPOSING_NORMALIZERS = {"NFC", "NFKC"}
-KEEPING_NORMALIZERS = {"Prepend"}
-
-
-def token_span_bound(tokenizer: Any) -> int | None:
-    """Characters of input text one token can stand for at most, or None where the tokenizer
-    gives no such bound. Only for BPE that can spell any text (byte-level, or byte fallback),
-    where no unknown token swallows a run of text; the longest vocabulary entry bounds a token's
-    span, times 3 when the normalizer composes characters."""
-    import json
-
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    spec = json.loads(backend.to_str())
-    model, normalizer = spec.get("model") or {}, spec.get("normalizer")
-    byte_level = "ByteLevel" in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
-    if model.get("type") != "BPE" or not (byte_level or model.get("byte_fallback")):
-        return None
-    steps = (normalizer or {}).get("normalizers", [normalizer] if normalizer else [])
-    kinds = [step.get("type") for step in steps]
-    if any(kind not in COMPOSING_NORMALIZERS | KEEPING_NORMALIZERS for kind in kinds):
-        return None
-    longest = max(map(len, model.get("vocab", {})), default=0)
-    longest = max([longest, *(len(t["content"]) for t in spec.get("added_tokens", []))])
-    return longest * (3 if set(kinds) & COMPOSING_NORMALIZERS else 1) or None
-
-
 def detect_family(config: Any, path: str, hint: str | None) -> Family | None:
     """The family of a loaded config: the hint, vlmlab's own marker, or the ``model_type``."""
     if hint:
@@ -144,49 +114,6 @@ def peak_memory_bytes(device: str) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
 
 
-def _fast_decode(tokenizer: Any) -> Callable[[list[int]], str]:
-    """``tokenizer.decode(ids, skip_special_tokens=True)``, straight to the Rust tokenizer where
-    that is all transformers does (a fast tokenizer without space clean-up): a decode step
-    detokenizes every row, and the Python wrapper costs twice the decode itself."""
-    from transformers.tokenization_utils_tokenizers import TokenizersBackend
-
-    backend = getattr(tokenizer, "_tokenizer", None)
-    plain = type(tokenizer)._decode is TokenizersBackend._decode and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
-    if isinstance(tokenizer, TokenizersBackend) and backend is not None and plain:
-        return lambda ids: backend.decode(ids, skip_special_tokens=True)
-    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
-
-
-def to_hf_messages(chat: Chat, mark: Callable[[str], str] | None = None) -> list[dict[str, Any]]:
-    """Core chat -> the list-of-parts messages that processors' chat templates accept; ``mark``
-    (:meth:`~vlmlab.engines.hf_prompt.PromptEncoder.mark`) applied to each text."""
-    out = []
-    for message in chat.messages:
-        parts = [
-            {"type": "image"}
-            if isinstance(p, ImagePart)
-            else {"type": "text", "text": mark(p.text) if mark else p.text}
-            for p in message.content
-        ]
-        entry: dict[str, Any] = {"role": message.role, "content": parts}
-        if message.tool_calls:  # transformers' tool-use message format
-            entry["tool_calls"] = [
-                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": _json_or_text(c.arguments)}}
-                for c in message.tool_calls
-            ]
-        if message.tool_call_id:
-            entry["tool_call_id"] = message.tool_call_id
-        out.append(entry)
-    return out
-
-
-def _json_or_text(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
 class HFEngine(Engine):
     """transformers backend with request batching. Create with :meth:`load`."""
 
@@ -212,7 +139,7 @@ class HFEngine(Engine):
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.tokenizer.eos_token_id or 0)
         self.eos_ids = self._eos_ids()
         self.max_token_chars = token_span_bound(self.tokenizer)
-        self.decode_ids = _fast_decode(self.tokenizer)  # built once: every decode step detokenizes
+        self.decode_ids = fast_decode(self.tokenizer)  # built once: every decode step detokenizes
         self.pieces = TokenPieces(self.tokenizer)  # token text and bytes, for logprobs
         self._grammars: Any = None  # hf_structured.Grammars, made on the first structured request
         self._grammars_lock = threading.Lock()

@@ -23,10 +23,12 @@ images, processors fed stand-ins), so it does not depend on it.
 from __future__ import annotations
 
 import copy
+import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from vlmlab.protocol.core import Chat, ImagePart
 from vlmlab.protocol.errors import EngineError
 
 # Private-use code points (plane 15) around a control string from the user's text, the ones
@@ -200,3 +202,76 @@ def _append(out: list[Piece], text: str, as_text: bool) -> None:
         out[-1] = (out[-1][0] + text, False)
     else:
         out.append((text, as_text))
+
+
+# Normalizers that never shrink a text by more than this factor (composition: Hangul jamo L+V+T
+# into one syllable is the largest, 3 to 1); any other normalizer may delete text, so no bound.
+COMPOSING_NORMALIZERS = {"NFC", "NFKC"}
+KEEPING_NORMALIZERS = {"Prepend"}
+
+
+def token_span_bound(tokenizer: Any) -> int | None:
+    """Characters of input text one token can stand for at most, or None where the tokenizer
+    gives no such bound. Only for BPE that can spell any text (byte-level, or byte fallback),
+    where no unknown token swallows a run of text; the longest vocabulary entry bounds a token's
+    span, times 3 when the normalizer composes characters."""
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    spec = json.loads(backend.to_str())
+    model, normalizer = spec.get("model") or {}, spec.get("normalizer")
+    byte_level = "ByteLevel" in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
+    if model.get("type") != "BPE" or not (byte_level or model.get("byte_fallback")):
+        return None
+    steps = (normalizer or {}).get("normalizers", [normalizer] if normalizer else [])
+    kinds = [step.get("type") for step in steps]
+    if any(kind not in COMPOSING_NORMALIZERS | KEEPING_NORMALIZERS for kind in kinds):
+        return None
+    longest = max(map(len, model.get("vocab", {})), default=0)
+    longest = max([longest, *(len(t["content"]) for t in spec.get("added_tokens", []))])
+    return longest * (3 if set(kinds) & COMPOSING_NORMALIZERS else 1) or None
+
+
+def fast_decode(tokenizer: Any) -> Callable[[list[int]], str]:
+    """``tokenizer.decode(ids, skip_special_tokens=True)``, straight to the Rust tokenizer where
+    that is all transformers does (a fast tokenizer without space clean-up): a decode step
+    detokenizes every row, and the Python wrapper costs twice the decode itself."""
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    backend = getattr(tokenizer, "_tokenizer", None)
+    plain = type(tokenizer)._decode is TokenizersBackend._decode and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
+    if isinstance(tokenizer, TokenizersBackend) and backend is not None and plain:
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def to_hf_messages(chat: Chat, mark: Callable[[str], str] | None = None) -> list[dict[str, Any]]:
+    """Core chat -> the list-of-parts messages that processors' chat templates accept; ``mark``
+    (:meth:`~vlmlab.engines.hf_prompt.PromptEncoder.mark`) applied to each text."""
+    out = []
+    for message in chat.messages:
+        parts = [
+            {"type": "image"}
+            if isinstance(p, ImagePart)
+            else {"type": "text", "text": mark(p.text) if mark else p.text}
+            for p in message.content
+        ]
+        entry: dict[str, Any] = {"role": message.role, "content": parts}
+        if message.tool_calls:  # transformers' tool-use message format
+            entry["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": _json_or_text(c.arguments)}}
+                for c in message.tool_calls
+            ]
+        if message.tool_call_id:
+            entry["tool_call_id"] = message.tool_call_id
+        out.append(entry)
+    return out
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
