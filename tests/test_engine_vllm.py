@@ -48,6 +48,7 @@ from vlmlab.engines.vllm_translate import (
     rule_options,
     sampling_kwargs,
     structured_outputs_kwargs,
+    token_logprobs,
     stats_timings,
     unavailable_reason,
 )
@@ -258,11 +259,29 @@ def test_sampling_maps_every_field() -> None:
     assert kwargs == {"max_tokens": 7, "temperature": 0.3, "top_p": 0.9, "top_k": 5, "seed": 11, "stop": ["\n"],
                       "ignore_eos": True, "skip_special_tokens": True, "presence_penalty": 0.0,
                       "frequency_penalty": 0.0, "repetition_penalty": 1.0, "logit_bias": None,
-                      "min_tokens": 0}  # fmt: skip
+                      "min_tokens": 0, "logprobs": None}  # fmt: skip
+    assert sampling_kwargs(SamplingParams(logprobs=True))["logprobs"] == 0  # the chosen token's alone
+    assert sampling_kwargs(SamplingParams(logprobs=True, top_logprobs=3))["logprobs"] == 3
     shaped = sampling_kwargs(SamplingParams(presence_penalty=0.5, frequency_penalty=-1.0, repetition_penalty=1.2,
                                             logit_bias=((7, -100.0),), min_tokens=3))  # fmt: skip
     assert (shaped["presence_penalty"], shaped["frequency_penalty"], shaped["repetition_penalty"]) == (0.5, -1.0, 1.2)
     assert shaped["logit_bias"] == {7: -100.0} and shaped["min_tokens"] == 3
+
+
+def test_vllm_logprobs_become_openai_records() -> None:
+    """vLLM's CompletionOutput.logprobs: per token {id: Logprob(logprob, rank, decoded_token)}."""
+    from types import SimpleNamespace as Logprob
+
+    steps = [
+        {5: Logprob(logprob=-0.1, rank=1, decoded_token="re"), 9: Logprob(logprob=-2.5, rank=2, decoded_token="bl")},
+        {7: Logprob(logprob=-1.2, rank=3, decoded_token="d"), 8: Logprob(logprob=-0.3, rank=1, decoded_token="é"),
+         4: Logprob(logprob=-0.9, rank=2, decoded_token="x")},
+    ]  # fmt: skip
+    records = token_logprobs([5, 7], steps, top=2)
+    assert [(r.token, r.logprob) for r in records] == [("re", -0.1), ("d", -1.2)]
+    assert [a[0] for a in records[1].top] == ["é", "x"]  # by rank; the chosen one need not be among them
+    assert records[1].top[0][2] == tuple("é".encode()) and records[0].bytes == (114, 101)
+    assert token_logprobs([5], None, 2) == ()
 
 
 def test_structured_outputs_map_to_vllms_params() -> None:

@@ -66,6 +66,7 @@ from vlmlab.engines.vllm_translate import (
     rule_options,
     sampling_kwargs,
     structured_outputs_kwargs,
+    token_logprobs,
     stats_timings,
     unavailable_reason,
 )
@@ -146,10 +147,10 @@ class VLLMEngine(Engine):
     """vLLM in this process. Create with :meth:`load`."""
 
     name = "vllm"
-    # Logprobs and tools: vLLM has both, but their outputs are not mapped back yet (a 400 until then).
+    # Tools: vLLM parses calls per model (its tool parsers), not mapped here yet (a 400 until then).
     capabilities = Capabilities(
         streaming=True, batching=True, max_images=8, cancellation=True, exact_token_counts=True,
-        features=FEATURES - {"logprobs", "tools"},
+        features=FEATURES - {"tools"},
     )
 
     def __init__(self, spec: EngineSpec, settings: VLLMSettings, backend: Any, loop: _LoopThread | None,
@@ -347,6 +348,7 @@ class VLLMEngine(Engine):
         delta = TextDelta()
         first = last = None
         final: Any = None
+        sent_logprobs = 0
         try:
             while True:
                 kind, value = await queue.get()
@@ -360,7 +362,9 @@ class VLLMEngine(Engine):
                 if piece:
                     last = time.perf_counter()
                     first = first or last
-                    yield GenerationChunk(piece, new_tokens)
+                    logprobs = value["logprobs"][sent_logprobs:] if value["logprobs"] is not None else None
+                    sent_logprobs += len(logprobs or ())
+                    yield GenerationChunk(piece, new_tokens, logprobs=logprobs or None)
         except (asyncio.CancelledError, GeneratorExit):
             future.cancel()  # cancels AsyncLLM.generate on its loop, which aborts the request
             self.counters["cancelled"] += 1
@@ -388,6 +392,7 @@ class VLLMEngine(Engine):
             timings=timings,
             model=self.model_id,
             engine=self.name,
+            logprobs=final["logprobs"],
         )
 
     async def _pump(self, engine_input: Any, params: Any, request_id: str, caller: asyncio.AbstractEventLoop,
@@ -399,8 +404,9 @@ class VLLMEngine(Engine):
                 caller.call_soon_threadsafe(queue.put_nowait, (kind, value))
 
         try:
+            top = params.logprobs  # vLLM's: None, or the alternatives per token
             async for output in self.backend.generate(engine_input, params, request_id):
-                put("output", _snapshot(output))
+                put("output", _snapshot(output, top))
             put("done", None)
         except asyncio.CancelledError:
             raise
@@ -446,7 +452,7 @@ class VLLMEngine(Engine):
         wall = time.perf_counter() - start
         results = []
         for request, output in zip(requests, outputs):
-            snap = _snapshot(output)
+            snap = _snapshot(output, request.sampling.top_logprobs if request.sampling.logprobs else None)
             prompt_tokens = len(output.prompt_token_ids or ())
             per_image = self._image_counts(request.chat, options, ())
             timings = Timings(total_s=wall, load_s=self.load_s, peak_memory_bytes=device_memory_used(), **snap["stats"])
@@ -455,7 +461,7 @@ class VLLMEngine(Engine):
             results.append(GenerationResult(
                 text=snap["text"], finish_reason=finish_reason(snap["finish_reason"]), prompt_tokens=prompt_tokens,
                 image_tokens=sum(per_image), completion_tokens=snap["tokens"], timings=timings,
-                model=self.model_id, engine=self.name,
+                model=self.model_id, engine=self.name, logprobs=snap["logprobs"],
             ))  # fmt: skip
         return results
 
@@ -514,9 +520,10 @@ class VLLMEngine(Engine):
         self.backend = None
 
 
-def _snapshot(output: Any) -> dict[str, Any]:
+def _snapshot(output: Any, top_logprobs: int | None = None) -> dict[str, Any]:
     """The parts of a ``vllm.RequestOutput`` vlmlab uses, as plain data (safe to hand to another
-    thread: vLLM may reuse the object for the next update)."""
+    thread: vLLM may reuse the object for the next update). ``top_logprobs``: None when the
+    request asked for no logprobs."""
     completion = output.outputs[0]
     stats: dict[str, float] = {}
     metrics = getattr(output, "metrics", None)
@@ -528,6 +535,7 @@ def _snapshot(output: Any) -> dict[str, Any]:
         "finish_reason": completion.finish_reason,
         "finished": bool(output.finished),
         "stats": stats,
+        "logprobs": None if top_logprobs is None else token_logprobs(completion.token_ids, completion.logprobs, top_logprobs),
     }
 
 

@@ -24,7 +24,7 @@ from vlmlab.config import EngineSpec
 from vlmlab.engines.quantization import spec_quantization, vllm_quantization
 from vlmlab.engines.remote_wire import encode_image
 from vlmlab.families import Family, get_family
-from vlmlab.protocol.core import Chat, FinishReason, ImagePart, SamplingParams, StructuredOutput, TextPart
+from vlmlab.protocol.core import Chat, FinishReason, ImagePart, SamplingParams, StructuredOutput, TextPart, TokenLogprob
 from vlmlab.protocol.errors import (
     BadRequestError,
     ConfigError,
@@ -274,7 +274,25 @@ def sampling_kwargs(sampling: SamplingParams) -> dict[str, Any]:
         "repetition_penalty": sampling.repetition_penalty,
         "logit_bias": dict(sampling.logit_bias) or None,
         "min_tokens": sampling.min_tokens,
+        # vLLM's logprobs = how many alternatives per token (0: the chosen token's alone)
+        "logprobs": sampling.top_logprobs if sampling.logprobs else None,
     }
+
+
+def token_logprobs(token_ids: Sequence[int], steps: Sequence[Mapping[int, Any]] | None, top: int) -> tuple[TokenLogprob, ...]:
+    """vLLM's per-token logprobs (``CompletionOutput.logprobs``: for each generated token a
+    ``{token id: Logprob(logprob, rank, decoded_token)}`` holding the chosen token and the top
+    ones) as core records, the ``top`` alternatives most likely first."""
+    out = []
+    for token, step in zip(token_ids, steps or ()):
+        chosen = step.get(token)
+        if chosen is None:
+            continue
+        ranked = sorted(step.values(), key=lambda p: p.rank if p.rank is not None else 1 << 30)[:top]
+        alternatives = tuple((p.decoded_token or "", float(p.logprob), tuple((p.decoded_token or "").encode())) for p in ranked)
+        text = chosen.decoded_token or ""
+        out.append(TokenLogprob(text, float(chosen.logprob), tuple(text.encode()), alternatives))
+    return tuple(out)
 
 
 def structured_outputs_kwargs(structured: StructuredOutput | None) -> dict[str, Any] | None:
