@@ -32,6 +32,10 @@ vlmlab chat --engine vllm --model "$MODEL" --image "$IMAGE" --max-tokens 64 "$QU
 step "vLLM, vlmlab test-model"
 vlmlab test-model "$MODEL" --engine vllm --max-tokens 16
 
+step "vLLM, structured outputs (--json-schema) and a served request with logprobs and a schema"
+printf '%s' '{"type":"object","properties":{"colour":{"type":"string","maxLength":20}},"required":["colour"],"additionalProperties":false}' > "$OUT/schema.json"
+vlmlab chat --engine vllm --model "$MODEL" --image "$IMAGE" --max-tokens 64 --json-schema "$OUT/schema.json" "What is the main colour?"
+
 step "vLLM, served and benchmarked (async engine, streaming)"
 vlmlab bench --model "$MODEL" --serve-arg=--engine=vllm "${BENCH[@]}" -o "$OUT/bench-vllm.json"
 
