@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 
+import pydantic
 import pytest
 from pydantic import ValidationError
 
@@ -87,11 +88,10 @@ def test_malformed_requests_fail_validation(body: dict) -> None:
         ChatCompletionRequest.model_validate(body)
 
 
-def test_n_other_than_one_and_images_outside_user_turns_are_bad_requests() -> None:
-    req = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}], "n": 2})
-    with pytest.raises(errors.BadRequestError, match="n=2 is not supported") as info:
-        req.to_sampling()
-    assert info.value.param == "n"
+def test_n_over_sixteen_and_images_outside_user_turns_are_bad_requests() -> None:
+    with pytest.raises(pydantic.ValidationError, match="less than or equal to 16"):
+        ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}], "n": 17})
+    assert ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}], "n": 16}).n == 16
     req = ChatCompletionRequest.model_validate(
         {"messages": [{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": IMG}}]}]}
     )

@@ -408,16 +408,21 @@ class ChatService:
         ``seed + i`` when a seed is given. Errors before the first item are plain exceptions."""
         n = body.n or 1
         if n == 1:
-            async for item in self.stream(body):
-                yield 0, item
+            single = self.stream(body)
+            try:  # closed here, at once, when the caller closes this: its images are released
+                async for item in single:
+                    yield 0, item
+            finally:
+                await single.aclose()
             return
         queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
         started = asyncio.Event()
 
         async def run(index: int) -> None:
             copy = body.model_copy(update={"n": 1, "seed": None if body.seed is None else body.seed + index})
+            answer = self.stream(copy)
             try:
-                async for item in self.stream(copy):
+                async for item in answer:
                     started.set()
                     await queue.put((index, item))
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
@@ -426,6 +431,7 @@ class ChatService:
                 if isinstance(exc, asyncio.CancelledError):
                     raise
             finally:
+                await answer.aclose()
                 await queue.put((index, None))
 
         tasks = [asyncio.create_task(run(0))]
@@ -452,8 +458,11 @@ class ChatService:
         tools = body.offered_tools() if body.tools else ()
         items = self._stream(body)
         if not tools or body.tool_choice_name() == "none":
-            async for item in items:
-                yield item
+            try:
+                async for item in items:
+                    yield item
+            finally:
+                await items.aclose()
             return
         held: list[GenerationChunk] = []  # text that may still turn out to be a call
         text = ""
