@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlmlab.config import EngineSpec
+from vlmlab.config import EngineSpec, model_target
 from vlmlab.engines import Engine, GenerationRequest, check_model, complete, load_engine
 from vlmlab.protocol.core import Chat, ImageData, ImagePart, SamplingParams
 from vlmlab.protocol.errors import ConfigError, VlmlabError
@@ -57,14 +57,7 @@ class Answer:
 
 def parse_target(text: str, **defaults: Any) -> tuple[str, EngineSpec]:
     """``URL#model`` -> remote engine; ``engine:model`` -> that engine; else hf. Returns (label, spec)."""
-    text = text.strip()
-    if text.startswith(("http://", "https://")):
-        url, _, model = text.partition("#")
-        return text, EngineSpec(model=model or "default", engine="remote", extra={"base_url": url})
-    engine, sep, model = text.partition(":")
-    if sep and engine in ("hf", "vllm", "mlx", "remote", "transformers") and model:
-        return text, EngineSpec(model=model, engine=engine, **defaults)
-    return text, EngineSpec(model=text, **defaults)
+    return model_target(text, **defaults)
 
 
 def image_part(image: Any, label: str) -> ImagePart:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from importlib import resources
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,6 +62,28 @@ class EngineSpec:
             raise ConfigError(f"data_parallel_size must be a whole number >= 1, got {self.data_parallel_size!r}")
 
 
+def model_target(text: str, **defaults: Any) -> tuple[str, EngineSpec]:
+    """``(label, spec)`` for a model as a user writes it: ``URL#model`` is that model on an
+    OpenAI-compatible server (remote engine), ``engine:model`` that engine, anything else the
+    default engine (``defaults`` are further EngineSpec fields)."""
+    text = text.strip()
+    if text.startswith(("http://", "https://")):
+        url, _, model = text.partition("#")
+        return text, EngineSpec(model=model or "default", engine="remote", extra={"base_url": url})
+    engine, sep, model = text.partition(":")
+    if sep and engine in ("hf", "vllm", "mlx", "remote", "transformers") and model:
+        return text, EngineSpec(model=model, engine=engine, **defaults)
+    return text, EngineSpec(model=text, **defaults)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A further model of a server that serves several: the id clients send, its engine chain."""
+
+    name: str
+    engines: tuple[EngineSpec, ...]
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """Everything ``vlmlab serve`` needs; built from flags, a YAML/JSON ``--config`` and env.
@@ -69,6 +91,8 @@ class ServerSettings:
     Attributes:
         engines: the fallback chain, tried in order at start-up and on run-time failure.
         served_model_name: the id clients send and ``/v1/models`` lists (default: the model).
+        models: further models served beside that one, each with its own engine chain and
+            caches; a request's ``model`` field picks one (none: the first model).
         api_key: Bearer token required on ``/v1/*`` and ``/tokenize`` (``VLMLAB_API_KEY``).
         allowed_local_media_path: root under which ``file://`` image URLs may be read.
         allowed_media_domains: http(s) host allow-list (``None``: any public host).
@@ -109,6 +133,7 @@ class ServerSettings:
     """
 
     engines: tuple[EngineSpec, ...] = (EngineSpec(),)
+    models: tuple[ServedModel, ...] = ()
     host: str = "127.0.0.1"
     port: int = 8000
     served_model_name: str | None = None
@@ -169,11 +194,17 @@ class ServerSettings:
     def model_name(self) -> str:
         return self.served_model_name or self.engines[0].model
 
+    def each_model(self) -> list[ServerSettings]:
+        """One ServerSettings per served model (the first is these settings' own model), each
+        with its own engines and name and no further models."""
+        first = replace(self, models=())
+        return [first, *(replace(first, engines=m.engines, served_model_name=m.name) for m in self.models)]
+
 
 # -- config files ----------------------------------------------------------------------------------
 
 _ENGINE_KEYS = {f for f in EngineSpec.__dataclass_fields__}
-_SERVER_KEYS = {f for f in ServerSettings.__dataclass_fields__} - {"engines"}
+_SERVER_KEYS = {f for f in ServerSettings.__dataclass_fields__} - {"engines", "models"}
 _BYTE_KEYS = {
     "preprocess_cache_bytes",
     "max_image_bytes",
@@ -271,6 +302,7 @@ def server_settings(config: Mapping[str, Any] | None = None, **overrides: Any) -
     merged: dict[str, Any] = dict(config or {})
     merged.update({k: v for k, v in overrides.items() if v is not None})
     per_engine = merged.pop("engines", None)
+    more = merged.pop("models", None) or ()
     known = _ENGINE_KEYS | _SERVER_KEYS
     unknown = set(merged) - known
     if unknown:
@@ -289,4 +321,27 @@ def server_settings(config: Mapping[str, Any] | None = None, **overrides: Any) -
             server[key] = tuple(h.strip() for h in server[key].split(",") if h.strip())
         elif server.get(key) is not None:
             server[key] = tuple(server[key])
-    return ServerSettings(engines=specs, **server)
+    models = tuple(_served_model(entry, engine_defaults, f"models[{i}]") for i, entry in enumerate(more))
+    names = [server.get("served_model_name") or specs[0].model, *(m.name for m in models)]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"model names must differ, {twice} is given more than once; set served_model_name / name")
+    return ServerSettings(engines=specs, models=models, **server)
+
+
+def _served_model(entry: Any, defaults: Mapping[str, Any], where: str) -> ServedModel:
+    """A further model: ``"nano"``, ``"URL#model"``, ``"vllm:model"``, or a mapping of engine
+    settings with an optional ``name``."""
+    base = {k: v for k, v in defaults.items() if k not in ("model", "engine")}
+    if isinstance(entry, str):
+        label, spec = model_target(entry)
+        if spec.engine != "remote":
+            spec = _engine_spec({**base, "model": spec.model, "engine": spec.engine}, where)
+        return ServedModel(spec.model if spec.engine == "remote" else label, (spec,))
+    if not isinstance(entry, Mapping) or "model" not in entry:
+        raise ConfigError(f"{where}: a model name / URL#model, or settings with a 'model' key")
+    fields = dict(entry)
+    name = fields.pop("name", None) or fields["model"]
+    engines = str(fields.pop("engine", "hf"))
+    specs = tuple(_engine_spec({**base, **fields, "engine": e.strip()}, where) for e in engines.split(",") if e.strip())
+    return ServedModel(str(name), specs)

@@ -102,7 +102,7 @@ def chat(
 
 @app.command()
 def serve(
-    model: Annotated[str | None, typer.Option("--model", "-m", help="nano, a family preset, hub id or path.")] = None,
+    model: Annotated[list[str] | None, typer.Option("--model", "-m", help="nano, a family preset, hub id or path; repeat it to serve several models (URL#model: one on another server), picked by each request's model field.")] = None,
     engine: Annotated[str | None, typer.Option(help="Engine or fallback chain, e.g. vllm,hf.")] = None,
     config: Annotated[str | None, typer.Option(help="YAML/JSON config file or preset name.")] = None,
     base_url: Annotated[str | None, typer.Option(help="remote engine: upstream URL, e.g. http://host:8000/v1.")] = None,
@@ -161,10 +161,11 @@ def serve(
     from vlmlab.server import create_app
 
     file_settings = read_config_file(config) if config else None
+    first, *more = model or [None]
     settings = server_settings(
         file_settings,
         extra=remote_extra(base_url, remote_api_key, (file_settings or {}).get("extra")),
-        model=model, engine=engine, host=host, port=port, api_key=api_key,
+        model=first, models=more or None, engine=engine, host=host, port=port, api_key=api_key,
         allowed_local_media_path=allowed_local_media_path, allowed_media_domains=allowed_media_domains,
         trusted_media_hosts=trusted_media_hosts,
         served_model_name=served_model_name, device=device, dtype=dtype,
@@ -190,23 +191,30 @@ def serve(
     sock = _listening_socket(settings.host, settings.port)
     host_shown = f"[{settings.host}]" if ":" in settings.host else settings.host
     url = f"http://{host_shown}:{sock.getsockname()[1]}/v1"
-    console.print(f"[bold]vlmlab serve[/bold] loading {settings.model_name}, to serve on {url} once loaded")
+    names = ", ".join(m.model_name for m in settings.each_model())
+    console.print(f"[bold]vlmlab serve[/bold] loading {names}, to serve on {url} once loaded")
     from vlmlab.server.engines import EngineChain
     from vlmlab.server.http_limits import uvicorn_options
 
     # The engines load here, not in the app's lifespan: a model that cannot load ends in one
     # line (vlmlab.cli.main), not in a start-up traceback from starlette and uvicorn.
-    chain = EngineChain(settings.engines, settings.engine_failures_before_fallback)
+    chains = [EngineChain(m.engines, m.engine_failures_before_fallback) for m in settings.each_model()]
     try:
-        chain.start()
-    except KeyboardInterrupt:  # Ctrl-C while the model loads: a quiet stop
+        from vlmlab.engines import check_model
+
+        for chain in chains:  # every model is there before the first one loads
+            if len(chain.specs) == 1:
+                check_model(chain.specs[0])
+        for chain in chains:
+            chain.start()
+    except KeyboardInterrupt:  # Ctrl-C while a model loads: a quiet stop
         sock.close()
         return
     except BaseException:
         sock.close()
         raise
     config = uvicorn.Config(
-        create_app(settings, chain), host=settings.host, port=settings.port, log_level=log_level.lower(),
+        create_app(settings, chains[0], chains[1:]), host=settings.host, port=settings.port, log_level=log_level.lower(),
         **uvicorn_options(settings),  # header/body deadlines and the header-size limit
     )  # fmt: skip
 
@@ -216,7 +224,7 @@ def serve(
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets=sockets)
             if self.started:
-                console.print(f"[bold]vlmlab serve[/bold] {settings.model_name} on {url}")
+                console.print(f"[bold]vlmlab serve[/bold] {names} on {url}")
 
     server = AnnouncingServer(config)
     try:

@@ -10,7 +10,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -69,11 +69,25 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"{location or 'body'}: {first.get('msg', 'invalid value')}", location or None
 
 
-def service_of(request: Request) -> ChatService:
-    service = getattr(request.app.state, "service", None)
-    if service is None:
+def service_of(request: Request, model: str | None = None) -> ChatService:
+    """The service of the served model ``model`` names (its id, or the checkpoint it serves);
+    the first model when ``model`` is empty.
+
+    Raises:
+        NotFoundError: no served model has that name (404, naming the served ones).
+    """
+    services: dict[str, ChatService] | None = getattr(request.app.state, "services", None)
+    if not services:
         raise EngineUnavailableError("the server is still starting")
-    return service
+    if not model:
+        return next(iter(services.values()))
+    found = services.get(model)
+    if found is None:  # the checkpoint a served name stands for (nano's path, a hub id)
+        found = next((s for s in services.values() if s.chain.engine is not None and s.chain.current().info().model == model), None)
+    if found is None:
+        served = ", ".join(repr(name) for name in services)
+        raise NotFoundError(f"The model {model!r} does not exist; this server serves {served}", param="model")
+    return found
 
 
 async def require_api_key(request: Request) -> None:  # async: no thread-pool hop per request
@@ -84,19 +98,29 @@ async def require_api_key(request: Request) -> None:  # async: no thread-pool ho
         raise AuthenticationError(KEY_HELP)
 
 
-def create_app(settings: ServerSettings, chain: EngineChain | None = None) -> FastAPI:
-    """The server for ``settings``; engines load when the app starts (lifespan)."""
+def create_app(settings: ServerSettings, chain: EngineChain | None = None, more: Sequence[EngineChain] = ()) -> FastAPI:
+    """The server for ``settings``; engines not yet loaded (``chain`` for the first model,
+    ``more`` for ``settings.models``) load when the app starts (lifespan)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engines = chain or EngineChain(settings.engines, settings.engine_failures_before_fallback)
-        if engines.engine is None:
-            await asyncio.get_running_loop().run_in_executor(None, engines.start)
-        app.state.service = ChatService(settings, engines)
+        each = settings.each_model()
+        given = [chain, *more]
+        services: dict[str, ChatService] = {}
         try:
+            for index, model_settings in enumerate(each):
+                engines = given[index] if index < len(given) and given[index] is not None else None
+                engines = engines or EngineChain(model_settings.engines, model_settings.engine_failures_before_fallback)
+                if engines.engine is None:
+                    await asyncio.get_running_loop().run_in_executor(None, engines.start)
+                first = next(iter(services.values()), None)
+                services[model_settings.model_name] = ChatService(model_settings, engines, first.metrics if first else None)
+            app.state.services = services
+            app.state.service = next(iter(services.values()))  # the first model's (tests, docs)
             yield
         finally:
-            app.state.service.close()
+            for service in services.values():
+                service.close()
 
     # FastAPI's /docs and /redoc load their scripts from a CDN (a blank page offline): /docs is
     # vlmlab's own page instead (vlmlab.server.docs).
@@ -145,8 +169,7 @@ def create_app(settings: ServerSettings, chain: EngineChain | None = None) -> Fa
         }}},
     )  # fmt: skip
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        service = service_of(request)
-        check_model(body, service)
+        service = service_of(request, body.model)
         items = service.choices(body)
         if not body.stream:
             return await respond(request, service, items, body.n or 1)
@@ -155,7 +178,7 @@ def create_app(settings: ServerSettings, chain: EngineChain | None = None) -> Fa
 
     @app.post("/tokenize", dependencies=auth)
     async def tokenize(body: ChatCompletionRequest, request: Request) -> dict[str, Any]:
-        count, max_model_len = await service_of(request).tokenize(body)
+        count, max_model_len = await service_of(request, body.model).tokenize(body)
         return {
             "count": count.prompt_tokens,
             "prompt_tokens": count.prompt_tokens,
@@ -166,27 +189,33 @@ def create_app(settings: ServerSettings, chain: EngineChain | None = None) -> Fa
 
     @app.get("/v1/models", dependencies=auth)
     async def models(request: Request) -> dict[str, Any]:
-        service = service_of(request)
-        engine = service.chain.current()
-        info = engine.info()
-        card = ModelCard(
-            id=settings.model_name,
-            root=info.model,
-            max_model_len=info.max_model_len,
-            max_images=service.max_images(),
-            engine=info.engine,
-            family=info.family,
-            supported_features=sorted(engine.capabilities.features),
-        )
-        return ModelList(data=[card]).model_dump()
+        service_of(request)  # started
+        cards = []
+        for name, service in request.app.state.services.items():
+            engine = service.chain.current()
+            info = engine.info()
+            cards.append(ModelCard(
+                id=name,
+                root=info.model,
+                max_model_len=info.max_model_len,
+                max_images=service.max_images(),
+                engine=info.engine,
+                family=info.family,
+                supported_features=sorted(engine.capabilities.features),
+            ))  # fmt: skip
+        return ModelList(data=cards).model_dump()
 
     @app.get("/health")
     async def health(request: Request) -> Response:
-        service = getattr(request.app.state, "service", None)
-        if service is None:
+        services = getattr(request.app.state, "services", None)
+        if not services:
             return JSONResponse({"status": "starting"}, status_code=503)
-        ok, why = service.chain.health()
-        return JSONResponse({"status": "ok"}) if ok else JSONResponse({"status": "unhealthy", "reason": why}, status_code=503)
+        for name, service in services.items():
+            ok, why = service.chain.health()
+            if not ok:
+                reason = why if len(services) == 1 else f"{name}: {why}"
+                return JSONResponse({"status": "unhealthy", "reason": reason}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/docs", include_in_schema=False)
     async def docs(request: Request) -> HTMLResponse:
@@ -194,14 +223,22 @@ def create_app(settings: ServerSettings, chain: EngineChain | None = None) -> Fa
 
     @app.get("/stats", dependencies=stats_auth)
     async def stats(request: Request) -> dict[str, Any]:
-        return service_of(request).stats()
+        """The first model's figures at the top (as with one model); with several, every
+        model's under ``models``."""
+        first = service_of(request)
+        services = request.app.state.services
+        report = first.stats()
+        if len(services) > 1:
+            report["models"] = {name: service.stats() for name, service in services.items()}
+        return report
 
     @app.get("/metrics", dependencies=stats_auth)
     async def metrics(request: Request) -> Response:
-        service = service_of(request)
-        service.metrics.running.labels(service.metrics.model_name).set(service.in_engine)
-        service.metrics.waiting.labels(service.metrics.model_name).set(max(0, service.active - service.in_engine))
-        return Response(service.metrics.export(), media_type=CONTENT_TYPE_LATEST)
+        first = service_of(request)
+        for service in request.app.state.services.values():  # one registry, a label per model
+            service.metrics.running.labels(service.metrics.model_name).set(service.in_engine)
+            service.metrics.waiting.labels(service.metrics.model_name).set(max(0, service.active - service.in_engine))
+        return Response(first.metrics.export(), media_type=CONTENT_TYPE_LATEST)
 
     app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     return app
@@ -246,12 +283,6 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
         metrics["responses"]["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
     app.openapi_schema = schema
     return schema
-
-
-def check_model(body: ChatCompletionRequest, service: ChatService) -> None:
-    served = service.settings.model_name
-    if body.model and body.model not in (served, service.chain.current().info().model):
-        raise NotFoundError(f"The model {body.model!r} does not exist; this server serves {served!r}", param="model")
 
 
 async def respond(request: Request, service: ChatService, items: AsyncIterator[Any], n: int = 1) -> Response:

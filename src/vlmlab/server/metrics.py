@@ -31,9 +31,20 @@ def percentile(values: list[float], q: float) -> float | None:
 class ServerMetrics:
     """Counters and histograms, exported at ``/metrics`` and summarised at ``/stats``."""
 
-    def __init__(self, model_name: str):
-        self.registry = CollectorRegistry()
+    def __init__(self, model_name: str, shared: ServerMetrics | None = None):
+        """``shared``: another model's metrics in the same server, whose registry and metric
+        families these use (one family per metric in ``/metrics``, a ``model_name`` label each)."""
         self.model_name = model_name
+        self._lock = threading.Lock()
+        self._latencies: deque[float] = deque(maxlen=10_000)
+        self._ttfts: deque[float] = deque(maxlen=10_000)
+        self.totals: CounterDict[str, int] = CounterDict()
+        if shared is not None:
+            for name, value in vars(shared).items():
+                if name == "registry" or isinstance(value, (Counter, Gauge, Histogram)):
+                    setattr(self, name, value)
+            return
+        self.registry = CollectorRegistry()
         label = ["model_name"]
         r = self.registry
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", label, buckets=LATENCY_BUCKETS, registry=r)
@@ -57,10 +68,6 @@ class ServerMetrics:
         self.stage = Histogram("vlmlab:preprocess_stage_seconds", "Per-image preprocessing time by stage.", [*label, "stage"], buckets=STAGE_BUCKETS, registry=r)
         self.errors = Counter("vlmlab:request_errors", "Requests that ended in an error, by HTTP status.", [*label, "status"], registry=r)
         self.fallbacks = Counter("vlmlab:engine_fallbacks", "Times the next engine in the chain took over.", label, registry=r)
-        self._lock = threading.Lock()
-        self._latencies: deque[float] = deque(maxlen=10_000)
-        self._ttfts: deque[float] = deque(maxlen=10_000)
-        self.totals: CounterDict[str, int] = CounterDict()
 
     def observe_result(self, result: GenerationResult, e2e_s: float) -> None:
         m, t = self.model_name, result.timings

@@ -146,10 +146,10 @@ async def _before(deadline: float, awaitable: Any, limit_s: float) -> Any:
 class ChatService:
     """Owns the engine chain, caches, admission and metrics of one server."""
 
-    def __init__(self, settings: ServerSettings, chain: EngineChain):
+    def __init__(self, settings: ServerSettings, chain: EngineChain, shared_metrics: ServerMetrics | None = None):
         self.settings = settings
         self.chain = chain
-        self.metrics = ServerMetrics(settings.model_name)
+        self.metrics = ServerMetrics(settings.model_name, shared_metrics)  # one registry per server
         self._costs: dict[str | None, ImageCosts] = {}
         first = self._image_costs(chain.engine) if chain.engine is not None else ImageCosts(None)
         self.policy = media_policy(settings, default_pixel_cap(first.family, first.defaults))
