@@ -47,6 +47,7 @@ from vlmlab.protocol.openai import (
     new_completion_id,
 )
 from vlmlab.server.docs import docs_page
+from vlmlab.server.views import image_views
 from vlmlab.server.engines import EngineChain
 from vlmlab.server.guard import KEY_HELP, RequestGuard, key_is_valid
 from vlmlab.server.service import ChatService
@@ -186,6 +187,12 @@ def create_app(settings: ServerSettings, chain: EngineChain | None = None, more:
             "per_image_tokens": list(count.per_image),
             "max_model_len": max_model_len,
         }
+
+    @app.post("/views", dependencies=auth)
+    async def views(body: ChatCompletionRequest, request: Request) -> dict[str, Any]:
+        """What the model sees of each image: the processor's size and grid, views, tokens and a
+        preview (vlmlab.server.views)."""
+        return await image_views(service_of(request, body.model), body)
 
     @app.get("/v1/models", dependencies=auth)
     async def models(request: Request) -> dict[str, Any]:

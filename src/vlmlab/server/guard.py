@@ -32,9 +32,9 @@ def key_is_valid(authorization: str, expected: str) -> bool:
 
 
 def needs_key(path: str, settings: ServerSettings) -> bool:
-    """The routes behind the API key: the OpenAI API and /tokenize, and with ``auth_stats`` also
-    /stats and /metrics. /health stays open for load balancers."""
-    if path.startswith("/v1/") or path == "/tokenize":
+    """The routes behind the API key: the OpenAI API, /tokenize and /views, and with
+    ``auth_stats`` also /stats and /metrics. /health stays open for load balancers."""
+    if path.startswith("/v1/") or path in ("/tokenize", "/views"):
         return True
     return settings.auth_stats and path in ("/stats", "/metrics")
 
