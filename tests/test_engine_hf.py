@@ -277,7 +277,7 @@ def test_load_errors_name_the_problem(tmp_path: Path) -> None:
 def test_nano_refuses_a_transformers_too_old_for_it() -> None:
     """transformers 5.17 loads nano's weights but answers wrongly (0.0 on synth): the check that
     load runs first refuses it with the fix. The installed release (the lock's) passes it."""
-    from vlmlab.engines.hf import check_nano_transformers
+    from vlmlab.engines.sources import check_nano_transformers
 
     check_nano_transformers()
     check_nano_transformers("5.18.0")

@@ -32,7 +32,7 @@ from vlmlab.engines.base import (
 from vlmlab.engines.hf_preprocess import RequestPreprocessor
 from vlmlab.engines.hf_prompt import PromptEncoder, fast_decode, to_hf_messages, token_span_bound
 from vlmlab.engines.quantization import hf_quantization
-from vlmlab.engines.sources import hub_load_plan, known_model_names, resolve_model
+from vlmlab.engines.sources import check_nano_transformers, hub_load_plan, known_model_names, resolve_model
 from vlmlab.families import Family, get_family
 from vlmlab.hub import did_you_mean
 from vlmlab.protocol.core import (
@@ -55,29 +55,6 @@ from vlmlab.protocol.errors import (
 from vlmlab.protocol.tools import plain_chat
 
 logger = logging.getLogger(__name__)
-
-# The oldest transformers under which the nano checkpoint answers as trained: on 5.17 the same
-# weights load but score 0.0 on `vlmlab eval --dataset synth --limit 40`, against 97.5 on every
-# release from 5.18 to 5.25 (measured; the lower bound of the hf extra says the same).
-NANO_MIN_TRANSFORMERS = "5.18"
-
-
-def check_nano_transformers(installed: str | None = None) -> None:
-    """Raises ConfigError when transformers (``installed``, default: the imported release) is too
-    old to run nano correctly."""
-    from packaging.version import Version
-
-    if installed is None:
-        import transformers
-
-        installed = transformers.__version__
-    if Version(installed) < Version(NANO_MIN_TRANSFORMERS):
-        raise ConfigError(
-            f"the nano model needs transformers>={NANO_MIN_TRANSFORMERS} (installed: {installed}, "
-            f"on which it answers wrongly): pip install -U 'transformers>={NANO_MIN_TRANSFORMERS}', "
-            "or install vlmlab from requirements/lock.txt"
-        )
-
 
 # Text longer than this is rendered and tokenised in a worker thread: below it the hop costs
 # more than the work (a few hundred microseconds of tokenising), above it the event loop, and

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmlab.hub import hub_access, missing_message, model_in_cache
-from vlmlab.protocol.errors import NotFoundError
+from vlmlab.protocol.errors import ConfigError, NotFoundError
 
 LOCAL_FIX = "Pass a checkpoint folder, or set HF_HUB_CACHE to a cache that holds it."
 
@@ -72,3 +72,26 @@ def hub_load_plan(model: str, source: str, revision: str | None = None) -> bool:
     if not model_in_cache(source, revision):
         raise NotFoundError(missing_message("model", model, access, known_model_names(), LOCAL_FIX))
     return True
+
+
+# The oldest transformers under which the nano checkpoint answers as trained: on 5.17 the same
+# weights load but score 0.0 on `vlmlab eval --dataset synth --limit 40`, against 97.5 on every
+# release from 5.18 to 5.25 (measured; the lower bound of the hf extra says the same).
+NANO_MIN_TRANSFORMERS = "5.18"
+
+
+def check_nano_transformers(installed: str | None = None) -> None:
+    """Raises ConfigError when transformers (``installed``, default: the imported release) is too
+    old to run nano correctly."""
+    from packaging.version import Version
+
+    if installed is None:
+        import transformers
+
+        installed = transformers.__version__
+    if Version(installed) < Version(NANO_MIN_TRANSFORMERS):
+        raise ConfigError(
+            f"the nano model needs transformers>={NANO_MIN_TRANSFORMERS} (installed: {installed}, "
+            f"on which it answers wrongly): pip install -U 'transformers>={NANO_MIN_TRANSFORMERS}', "
+            "or install vlmlab from requirements/lock.txt"
+        )
