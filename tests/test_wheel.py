@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import importlib.util
 import re
 import subprocess
 import sys
@@ -20,10 +21,10 @@ import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
@@ -36,18 +37,25 @@ else:  # Python 3.10: tomli is in the lock for it
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "requirements" / "lock.txt"
-PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)\s*(?:;([^\\]*))?")
 LINUX = {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64"}
 MAC = {"sys_platform": "darwin", "platform_system": "Darwin", "platform_machine": "arm64"}
 
 
+def _lock_script() -> Any:
+    """scripts/lock.py, which writes the lock: the test reads pins the way it does."""
+    spec = importlib.util.spec_from_file_location("vlmlab_lock_script", ROOT / "scripts" / "lock.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+LOCK_SCRIPT = _lock_script()
+PIN = LOCK_SCRIPT.PIN
+
+
 def locked_pins(environment: dict[str, str]) -> dict[str, Version]:
-    pins = {}
-    for line in LOCK.read_text().splitlines():
-        match = PIN.match(line.strip())
-        if match and (not match.group(3) or Marker(match.group(3)).evaluate(environment)):
-            pins[canonicalize_name(match.group(1))] = Version(match.group(2))
-    return pins
+    """The lock's pins for one environment."""
+    return {canonicalize_name(name): Version(v) for name, v in LOCK_SCRIPT.pins(LOCK, environment).items()}
 
 
 def project_requirements() -> list[Requirement]:
