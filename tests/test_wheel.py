@@ -141,6 +141,10 @@ def test_wheel_carries_the_data(installed_wheel: tuple[Path, Path]) -> None:
         "vlmlab/nano/samples/samples.json",
         "vlmlab/configs/nano.yaml",
         "vlmlab/py.typed",
+        "vlmlab/server/playground/index.html",
+        "vlmlab/server/playground/app.js",
+        "vlmlab/server/playground/markdown.js",
+        "vlmlab/server/playground/app.css",
     ):
         assert name in names
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
@@ -196,6 +200,9 @@ def test_wheel_serves(installed_wheel: tuple[Path, Path], tmp_path: Path) -> Non
                 time.sleep(0.5)
         models = httpx.get(f"{base}/v1/models", timeout=10).json()
         assert [m["id"] for m in models["data"]] == ["nano"]
+        page = httpx.get(f"{base}/", timeout=10)  # the playground, from the installed package
+        assert page.status_code == 200 and "playground/app.js" in page.text
+        assert httpx.get(f"{base}/playground/app.js", timeout=10).status_code == 200
         image = (site_package(venv) / "nano" / "samples" / "red_square.png").read_bytes()
         url = "data:image/png;base64," + base64.b64encode(image).decode()
         reply = httpx.post(

@@ -50,6 +50,7 @@ from vlmlab.server.docs import docs_page
 from vlmlab.server.views import image_views
 from vlmlab.server.engines import EngineChain
 from vlmlab.server.guard import KEY_HELP, RequestGuard, key_is_valid
+from vlmlab.server.playground import add_playground
 from vlmlab.server.service import ChatService
 
 logger = logging.getLogger(__name__)
@@ -247,6 +248,7 @@ def create_app(settings: ServerSettings, chain: EngineChain | None = None, more:
             service.metrics.waiting.labels(service.metrics.model_name).set(max(0, service.active - service.in_engine))
         return Response(first.metrics.export(), media_type=CONTENT_TYPE_LATEST)
 
+    add_playground(app)
     app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     return app
 
