@@ -53,3 +53,16 @@ def test_views_need_the_key_and_name_bad_images(server) -> None:
     bad = {"messages": image_message("x", "data:image/png;base64," + base64.b64encode(b"not a png").decode())}
     reply = httpx.post(f"{server.url}/views", json=bad, headers={"Authorization": "Bearer k"}, timeout=30)
     assert reply.status_code == 400 and reply.json()["error"]["message"]
+
+
+def test_models_list_each_familys_processor_options(server) -> None:
+    """The options a request may set in mm_processor_kwargs (none for nano; Qwen's max_pixels,
+    Phi's num_crops for theirs), with the served model's defaults."""
+    from vlmlab.server.app import processor_options
+
+    card = httpx.get(f"{server.url}/v1/models", headers={"Authorization": "Bearer k"}).json()["data"][0]
+    assert card["processor_options"] == []
+    qwen = {o["name"]: o for o in processor_options("qwen2_vl", {"max_pixels": 1003520})}
+    assert qwen["max_pixels"]["default"] == 1003520 and qwen["max_pixels"]["kind"] == "int"
+    assert qwen["variant"]["choices"] == ["hf", "qwen_vl_utils"]
+    assert processor_options("phi3_5_vision", {})[0]["name"] == "num_crops"

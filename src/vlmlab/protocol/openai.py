@@ -464,6 +464,9 @@ class ModelCard(BaseModel):
     # The request features this model's engine honours (structured_outputs, logprobs,
     # penalties, logit_bias, min_tokens); a request using another is answered 400.
     supported_features: list[str] = Field(default_factory=list)
+    # The family's image-processor options a request may set in mm_processor_kwargs (Qwen's
+    # max_pixels, Phi's num_crops, ...): name, default (the served model's), kind, help, choices.
+    processor_options: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class ModelList(BaseModel):

@@ -10,7 +10,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -210,6 +210,7 @@ def create_app(settings: ServerSettings, chain: EngineChain | None = None, more:
                 engine=info.engine,
                 family=info.family,
                 supported_features=sorted(engine.capabilities.features),
+                processor_options=processor_options(info.family, service.settings.engines[0].processor_options),
             ))  # fmt: skip
         return ModelList(data=cards).model_dump()
 
@@ -251,6 +252,21 @@ def create_app(settings: ServerSettings, chain: EngineChain | None = None, more:
     add_playground(app)
     app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     return app
+
+
+def processor_options(family_name: str | None, configured: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The family's processor options for ``/v1/models``, defaults as the model is served."""
+    if not family_name:
+        return []
+    from vlmlab.families import get_family
+
+    family = get_family(family_name)
+    defaults = {**family.default_options, **configured}
+    return [
+        {"name": o.name, "default": defaults.get(o.name, o.default), "kind": o.kind.__name__, "help": o.help,
+         **({"choices": list(o.choices)} if o.choices else {}), **({"minimum": o.minimum} if o.minimum is not None else {})}
+        for o in family.options
+    ]  # fmt: skip
 
 
 def openapi_schema(app: FastAPI) -> dict[str, Any]:
