@@ -4,7 +4,8 @@ Debian's Chromium (``/usr/bin/chromium``; Playwright's own browser download is n
 Every test fails on a console error or an uncaught page error; the tests that provoke an HTTP
 error (401, 400) allow only Chromium's "Failed to load resource" line for that status. A
 screenshot of each main state goes to ``<pytest tmp>/playground-artifacts/``; the first test
-also writes ``docs/playground.png`` when it is missing or ``PLAYGROUND_SCREENSHOT=1``.
+also writes ``docs/playground.png`` when it is missing or ``PLAYGROUND_SCREENSHOT=1``. The
+accessibility check needs axe-core from npm (``npm ci``: package.json) and is skipped without it.
 """
 
 from __future__ import annotations
@@ -477,3 +478,189 @@ def test_reload_keeps_the_chat_and_export_import_round_trips(tab: Page, nano_ser
     round_trip = tmp_path / "again.json"
     again.value.save_as(round_trip)
     assert json.loads(round_trip.read_text()) == messages
+
+
+def views_of(url: str, image: bytes, **extra: Any) -> dict[str, Any]:
+    body = {"model": "nano", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}}]}], **extra}
+    return httpx.post(f"{url}/views", json=body, timeout=60).json()["images"][0]
+
+
+def shown_views(tab: Page) -> dict[str, str]:
+    """What the page's "what the model sees" panel shows, once its /views answer is drawn."""
+    panel = tab.locator("#views[data-tokens]")
+    panel.wait_for(timeout=30_000)
+    facts = dict(zip(tab.locator("#views-facts dt").all_inner_texts(), tab.locator("#views-facts dd").all_inner_texts()))
+    return {**{k: panel.get_attribute(f"data-{k}") for k in ("resized", "grid", "tokens", "views", "unit")}, **facts}
+
+
+def expected_views(view: dict[str, Any]) -> dict[str, str]:
+    (width, height), (rows, cols) = view["resized"], view["grid"]
+    return {
+        "resized": f"{width}x{height}", "grid": f"{rows}x{cols}", "tokens": str(view["tokens"]),
+        "views": str(view["views"]), "unit": view["unit"],
+        "Resized to": f"{width} × {height}", "Grid": f"{rows} x {cols} {view['unit']}", "Tokens": str(view["tokens"]),
+        "Image": f"{view['width']} × {view['height']}", "Views": str(view["views"]),
+    }  # fmt: skip
+
+
+def test_what_the_model_sees_of_a_composed_and_a_sent_image(tab: Page, nano_server, artifacts: Path) -> None:
+    open_playground(tab, nano_server.url)
+    tab.set_input_files("#file", str(RED_SQUARE))
+    tab.get_by_role("button", name="What the model sees of red_square.png").click()
+    red = views_of(nano_server.url, RED_SQUARE.read_bytes())
+    assert shown_views(tab) == expected_views(red)
+    width, height = tab.evaluate("() => [document.getElementById('views-canvas').width, document.getElementById('views-canvas').height]")
+    assert abs(width / height - red["resized"][0] / red["resized"][1]) < 0.02 and max(width, height) >= 384
+    # The grid is drawn over the picture: on the middle column line the red square's pixel is
+    # light (the line), half a cell beside it red (the picture).
+    line, beside = tab.evaluate("""([rows, cols]) => {
+        const canvas = document.getElementById('views-canvas');
+        const y = Math.floor(((Math.floor(rows / 2) + 0.5) * canvas.height) / rows);  // a cell's middle row
+        const at = (x) => [...canvas.getContext('2d').getImageData(x, y, 1, 1).data];
+        const x = Math.round((Math.floor(cols / 2) * canvas.width) / cols);
+        return [at(x), at(x + Math.floor(canvas.width / cols / 2))];
+    }""", red["grid"])
+    assert line[1] > 150 and beside[0] > 150 and beside[1] < 100, (line, beside)
+    tab.screenshot(path=str(artifacts / "9-views-composed.png"))
+
+    wide = png_bytes(640, 480, "green", "circle")
+    tab.get_by_role("button", name="Remove red_square.png").click()
+    tab.set_input_files("#file", files=[{"name": "wide.png", "mimeType": "image/png", "buffer": wide}])
+    tab.locator("#pending .cost[data-tokens]").wait_for()
+    send(tab, "What shape?")
+    wait_answer(tab)
+    tab.click("#views-close")
+    assert tab.is_hidden("#views")
+    tab.locator(".message.user .thumb-button").click()  # the sent image
+    expected = expected_views(views_of(nano_server.url, wide))
+    assert shown_views(tab) == expected and expected["Image"] == "640 × 480"
+    assert expected["resized"] != expected_views(red)["resized"]
+    tab.screenshot(path=str(artifacts / "10-views-sent.png"))
+
+
+def test_processor_options_go_in_mm_processor_kwargs(tab: Page, nano_server) -> None:
+    bodies: dict[str, list[dict[str, Any]]] = {"/tokenize": [], "/views": [], "/v1/chat/completions": []}
+
+    def record(request: Any) -> None:
+        path = request.url.removeprefix(nano_server.url)
+        if request.method == "POST" and path in bodies:
+            bodies[path].append(request.post_data_json)
+
+    tab.on("request", record)
+    open_playground(tab, nano_server.url)
+    tab.wait_for_selector("#model option[value='nano']", state="attached")
+    assert tab.locator("#processor-options [data-option]").count() == 0  # nano's family has none
+    tab.set_input_files("#file", str(RED_SQUARE))
+    send(tab, QUESTION)
+    wait_answer(tab)
+    assert all("mm_processor_kwargs" not in body for path in bodies for body in bodies[path])
+
+    tab.select_option("#preprocess-mode", "fast")
+    tab.set_input_files("#file", str(RED_SQUARE))
+    tab.locator("#pending .cost[data-tokens]").wait_for()
+    tab.get_by_role("button", name="What the model sees of red_square.png").click()
+    tab.locator("#views[data-tokens]").wait_for()
+    send(tab, QUESTION)
+    wait_answer(tab, 1)
+    for path in bodies:
+        assert bodies[path][-1]["mm_processor_kwargs"] == {"preprocess_mode": "fast"}, path
+
+
+def test_family_options_send_only_what_differs_from_the_default(tab: Page, nano_server) -> None:
+    """nano's family has no options, so its card is given two here (as Qwen's would carry); the
+    server is asked without them (nano would refuse them), and the page's requests are checked."""
+    options = [{"name": "max_pixels", "default": 1003520, "kind": "int", "help": "most pixels", "minimum": 1},
+               {"name": "variant", "default": "hf", "kind": "str", "help": "", "choices": ["hf", "qwen_vl_utils"]}]  # fmt: skip
+    sent: list[dict[str, Any]] = []
+
+    def models(route: Any) -> None:
+        cards = route.fetch().json()
+        for card in cards["data"]:
+            card["processor_options"] = options
+        route.fulfill(json=cards)
+
+    def tokenize_route(route: Any) -> None:
+        body = route.request.post_data_json
+        sent.append(body)
+        route.continue_(post_data=json.dumps({k: v for k, v in body.items() if k != "mm_processor_kwargs"}))
+
+    tab.route(f"{nano_server.url}/v1/models", models)
+    tab.route(f"{nano_server.url}/tokenize", tokenize_route)
+    open_playground(tab, nano_server.url)
+    tab.wait_for_selector("#processor-options [data-option='max_pixels']")
+    assert tab.input_value("[data-option='max_pixels']") == "1003520" and tab.input_value("[data-option='variant']") == "hf"
+    tab.fill("#input", "hello")
+    tab.wait_for_function("() => document.getElementById('token-preview').dataset.count")
+    assert "mm_processor_kwargs" not in sent[-1]
+    tab.fill("[data-option='max_pixels']", "50176")
+    tab.locator("[data-option='max_pixels']").dispatch_event("change")
+    deadline = time.monotonic() + 5
+    while not (sent and sent[-1].get("mm_processor_kwargs")):
+        assert time.monotonic() < deadline, f"no mm_processor_kwargs sent: {sent[-1]}"
+        tab.wait_for_timeout(50)
+    assert sent[-1]["mm_processor_kwargs"] == {"max_pixels": 50176}  # the variant is at its default
+
+
+def test_edit_and_resend_replaces_the_rest_of_the_conversation(tab: Page, nano_server, artifacts: Path) -> None:
+    chats: list[dict[str, Any]] = []
+    tab.on("request", lambda r: chats.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None)
+    open_playground(tab, nano_server.url)
+    tab.fill("#temperature", "0")
+    tab.set_input_files("#file", str(RED_SQUARE))
+    tab.locator("#pending .cost[data-tokens]").wait_for()
+    send(tab, "What shape is it?")
+    wait_answer(tab)
+    send(tab, "And the colour?")
+    tab.locator(".answer .figures[data-completion-tokens]").nth(1).wait_for(timeout=30_000)
+    assert tab.locator(".message").count() == 4
+
+    tab.locator(".message.user .edit").first.click()
+    box = tab.get_by_role("textbox", name="Edited message")
+    assert box.input_value() == "What shape is it?"
+    box.fill(QUESTION)
+    tab.screenshot(path=str(artifacts / "11-editing.png"))
+    tab.get_by_role("button", name="Resend", exact=True).click()
+    tab.wait_for_function("() => document.querySelectorAll('.message').length === 2")
+    wait_answer(tab)
+    assert tab.locator(".message.user .text").inner_text() == QUESTION
+    assert tab.locator(".message.user .thumb-img").count() == 1  # the image stays
+    assert "red" in tab.locator(".answer .markdown").inner_text().lower()
+    last = chats[-1]["messages"]
+    assert [m["role"] for m in last] == ["user"] and last[0]["content"][-1] == {"type": "text", "text": QUESTION}
+    assert last[0]["content"][0]["image_url"]["url"] == data_url(RED_SQUARE.read_bytes())
+    tab.reload()  # the edit is what is kept
+    tab.wait_for_selector("body[data-ready]")
+    assert tab.locator(".message").count() == 2 and tab.locator(".message.user .text").inner_text() == QUESTION
+
+
+AXE = ROOT / "node_modules" / "axe-core" / "axe.min.js"
+
+
+def serious_violations(tab: Page) -> list[str]:
+    """axe-core's serious and critical violations of the page as it is now."""
+    if not tab.evaluate("() => Boolean(window.axe)"):
+        tab.add_script_tag(url="/playground/__axe.js")  # same origin: the CSP stays as served
+    found = tab.evaluate("async () => (await axe.run(document)).violations"
+                         ".filter((v) => ['serious', 'critical'].includes(v.impact))"
+                         ".map((v) => `${v.id}: ${v.help} (${v.nodes.map((n) => n.target.join(' ')).join(', ')})`)")  # fmt: skip
+    return found
+
+
+@pytest.mark.skipif(not AXE.exists(), reason="test_no_serious_accessibility_violations needs axe-core: npm ci (package-lock.json)")
+def test_no_serious_accessibility_violations(tab: Page, nano_server) -> None:
+    """axe-core, served from the page's own origin (so the CSP stays as served), finds no
+    serious or critical violation: at rest, with an answer, the views panel and an edit open,
+    and in the dark scheme."""
+    tab.route("**/playground/__axe.js", lambda route: route.fulfill(path=str(AXE), content_type="text/javascript"))
+    open_playground(tab, nano_server.url)
+    tab.wait_for_selector("#model option[value='nano']", state="attached")
+    assert serious_violations(tab) == []
+    tab.set_input_files("#file", str(RED_SQUARE))
+    send(tab, QUESTION)
+    wait_answer(tab)
+    tab.locator(".message.user .thumb-button").click()
+    tab.locator("#views[data-tokens]").wait_for()
+    tab.locator(".message.user .edit").click()
+    assert serious_violations(tab) == []
+    tab.emulate_media(color_scheme="dark")
+    assert serious_violations(tab) == []

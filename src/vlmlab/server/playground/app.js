@@ -127,7 +127,80 @@ async function loadModels() {
     return label;
   }));
   $("compare-box").hidden = state.models.length < 2;
+  renderProcessorOptions();
   schedulePreview();
+}
+
+// -- processor options -----------------------------------------------------------------------
+
+/** A control per option of the selected model's family (its card's processor_options): a select
+ * for a closed set, a checkbox for a flag, a number or text box otherwise, showing the default. */
+function renderProcessorOptions() {
+  const options = modelCard($("model").value)?.processor_options || [];
+  $("processor-options").replaceChildren(...options.map((option) => {
+    let control;
+    if (option.choices) {
+      control = el("select");
+      control.append(...option.choices.map((choice) => {
+        const item = el("option", null, String(choice));
+        item.value = String(choice);
+        return item;
+      }));
+      control.value = String(option.default ?? option.choices[0]);
+    } else if (option.kind === "bool") {
+      control = el("input");
+      control.type = "checkbox";
+      control.checked = Boolean(option.default);
+    } else {
+      control = el("input");
+      control.type = option.kind === "int" ? "number" : "text";
+      if (option.kind === "int") control.step = "1";
+      if (option.minimum !== undefined) control.min = String(option.minimum);
+      control.value = option.default === null || option.default === undefined ? "" : String(option.default);
+      control.placeholder = "default";
+    }
+    control.dataset.option = option.name;
+    control.dataset.kind = option.kind;
+    control.dataset.default = JSON.stringify(option.default ?? null);
+    control.addEventListener("change", optionsChanged);
+    const label = el("label", null, `${option.name} `);
+    if (option.help) label.title = option.help;
+    label.append(control);
+    return label;
+  }));
+}
+
+function optionValue(control) {
+  if (control.dataset.kind === "bool") return control.checked;
+  const text = control.value.trim();
+  if (text === "") return null;
+  if (control.dataset.kind === "int") return Number.isFinite(Number(text)) ? Math.round(Number(text)) : null;
+  return text;
+}
+
+/** The request's mm_processor_kwargs for ``model``: the preprocessing mode (any model) and the
+ * family options (only for the selected model, whose options the controls show) that differ
+ * from their defaults; null when there is nothing to send. */
+function processorKwargs(model) {
+  const kwargs = {};
+  if ($("preprocess-mode").value) kwargs.preprocess_mode = $("preprocess-mode").value;
+  if (model === $("model").value) {
+    for (const control of document.querySelectorAll("#processor-options [data-option]")) {
+      const value = optionValue(control);
+      if (value !== null && value !== JSON.parse(control.dataset.default)) kwargs[control.dataset.option] = value;
+    }
+  }
+  return Object.keys(kwargs).length ? kwargs : null;
+}
+
+function processorBody(model) {
+  const kwargs = processorKwargs(model);
+  return kwargs ? { mm_processor_kwargs: kwargs } : {};
+}
+
+function optionsChanged() {
+  schedulePreview();
+  if (viewsShown) showViews(viewsShown);
 }
 
 function modelCard(id) { return state.models.find((m) => m.id === id); }
@@ -193,11 +266,22 @@ function thumbnail(url, name) {
   return span;
 }
 
+/** A thumbnail that, clicked, shows what ``model`` (null: the selected one) sees of the image. */
+function viewsThumb(url, name, model) {
+  const button = el("button", "thumb-button");
+  button.type = "button";
+  button.title = `What the model sees of ${name}`;
+  button.setAttribute("aria-label", `What the model sees of ${name}`);
+  button.append(thumbnail(url, name));
+  button.addEventListener("click", () => showViews({ url, name, model }));
+  return button;
+}
+
 function renderPending() {
   const list = $("pending");
   list.replaceChildren(...state.pending.map((image, index) => {
     const li = el("li", "thumb");
-    li.append(thumbnail(image.url, image.name));
+    li.append(viewsThumb(image.url, image.name, null));
     const cost = el("span", "cost", image.tokens === null ? "…" : `${image.tokens} tok`);
     if (image.tokens !== null) cost.dataset.tokens = image.tokens;
     const remove = el("button", "remove", "×");
@@ -255,7 +339,7 @@ function samplingBody() {
   return body;
 }
 
-function renderContent(content, parent) {
+function renderContent(content, parent, model) {
   if (typeof content === "string") {
     parent.append(el("div", "text", content));
     return;
@@ -263,7 +347,7 @@ function renderContent(content, parent) {
   const images = el("div", "images");
   for (const part of content) {
     if (part.type === "text") parent.append(el("div", "text", part.text));
-    else if (part.type === "image_url") images.append(thumbnail(part.image_url.url, "image"));
+    else if (part.type === "image_url") images.append(viewsThumb(part.image_url.url, `image ${images.childNodes.length + 1}`, model));
   }
   if (images.childNodes.length) parent.prepend(images);
 }
@@ -306,7 +390,14 @@ function renderMessages() {
   conversation.messages.forEach((message, index) => {
     const li = el("li", `message ${message.role}`);
     if (message.role === "user") {
-      renderContent(message.content, li);
+      renderContent(message.content, li, conversation.messages[index + 1]?.answers?.[0]?.model || null);
+      if (!state.busy) {
+        const edit = el("button", "edit", "Edit");
+        edit.type = "button";
+        edit.setAttribute("aria-label", "Edit and resend this message");
+        edit.addEventListener("click", () => editMessage(li, index));
+        li.append(edit);
+      }
     } else {
       const answers = el("div", message.answers.length > 1 ? "answers compare" : "answers");
       for (const answer of message.answers) {
@@ -373,7 +464,7 @@ async function preview() {
   const messages = [...wireMessages(state.current), { role: "user", content: userContent(text, state.pending) }];
   const pending = [...state.pending];
   try {
-    const response = await api("/tokenize", { model: model || undefined, messages });
+    const response = await api("/tokenize", { model: model || undefined, messages, ...processorBody(model) });
     const count = await response.json();
     if (serial !== previewSerial) return;
     const own = count.per_image_tokens.slice(count.per_image_tokens.length - pending.length);
@@ -466,6 +557,7 @@ async function answerTurn() {
     stream: true,
     stream_options: { include_usage: true },
     ...samplingBody(),
+    ...processorBody(answer.model),
   }, draw)));
   cancelAnimationFrame(frame);
   setBusy(false);
@@ -500,8 +592,155 @@ async function regenerate() {
   await answerTurn();
 }
 
+function messageText(content) {
+  if (typeof content === "string") return content;
+  return content.filter((part) => part.type === "text").map((part) => part.text).join("\n");
+}
+
+/** The message's text in a box with Resend and Cancel; its images stay as they are. */
+function editMessage(li, index) {
+  if (state.busy) return;
+  const message = state.current.messages[index];
+  const box = el("textarea", "edit-box");
+  box.rows = 3;
+  box.value = messageText(message.content);
+  box.setAttribute("aria-label", "Edited message");
+  const resendButton = el("button", "primary resend", "Resend");
+  resendButton.type = "button";
+  resendButton.addEventListener("click", () => resend(index, box.value));
+  const cancel = el("button", "cancel-edit", "Cancel");
+  cancel.type = "button";
+  cancel.addEventListener("click", renderMessages);
+  box.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      resend(index, box.value);
+    } else if (event.key === "Escape") {
+      event.stopPropagation();
+      renderMessages();
+    }
+  });
+  const row = el("div", "row");
+  row.append(resendButton, cancel);
+  li.querySelectorAll(".text, .edit").forEach((node) => node.remove());
+  li.append(box, row);
+  box.focus();
+}
+
+/** Message ``index`` with ``text`` instead of its text, answered again: everything after it in
+ * the conversation is replaced by the new answer. */
+async function resend(index, text) {
+  const conversation = state.current;
+  const old = conversation.messages[index];
+  if (state.busy || !old || old.role !== "user") return;
+  let content = text;
+  if (Array.isArray(old.content)) {
+    content = old.content.filter((part) => part.type !== "text");
+    if (text) content.push({ type: "text", text });
+    if (!content.some((part) => part.type === "image_url")) content = text;
+  }
+  if (!text.trim() && typeof content === "string") return;
+  conversation.messages.splice(index);
+  conversation.messages.push({ role: old.role, content });
+  save();
+  await answerTurn();
+}
+
 function stop() {
   for (const controller of state.running) controller.abort();
+}
+
+// -- what the model sees --------------------------------------------------------------------
+
+let viewsShown = null;   // {url, name, model} shown in the panel; shown again when options change
+let viewsSerial = 0;
+const VIEWS_MIN_SIDE = 384;  // canvas pixels: the preview's longest side is drawn at least this large
+
+function loadPicture(url) {
+  return new Promise((resolve, reject) => {
+    const img = new Image();
+    img.onload = () => resolve(img);
+    img.onerror = () => reject(new Error("the preview is not an image"));
+    img.src = url;
+  });
+}
+
+/** The preview at its size on the canvas, with the grid's lines over it (patches or tiles,
+ * spread evenly over the resized image, as the processor cuts it). The page's CSP allows no
+ * inline styles, so the lines are drawn rather than laid out. */
+async function drawViews(view) {
+  const picture = await loadPicture(view.preview);
+  const canvas = $("views-canvas");
+  // A small picture (nano's 192 px) is drawn larger, so that its grid lines stay thin and sharp.
+  const scale = Math.max(1, VIEWS_MIN_SIDE / Math.max(picture.naturalWidth, picture.naturalHeight));
+  canvas.width = Math.round(picture.naturalWidth * scale);
+  canvas.height = Math.round(picture.naturalHeight * scale);
+  const context = canvas.getContext("2d");
+  context.imageSmoothingEnabled = scale === 1;
+  context.drawImage(picture, 0, 0, canvas.width, canvas.height);
+  const [rows, cols] = view.grid;
+  const lines = (count, length, along) => {
+    for (let i = 1; i < count; i += 1) {
+      const at = Math.round((i * length) / count) + 0.5;
+      context.beginPath();
+      if (along === "x") { context.moveTo(at, 0); context.lineTo(at, canvas.height); } else { context.moveTo(0, at); context.lineTo(canvas.width, at); }
+      context.stroke();
+    }
+  };
+  for (const [colour, width] of [["rgba(0,0,0,.55)", 3], ["rgba(255,255,255,.9)", 1]]) {
+    context.strokeStyle = colour;
+    context.lineWidth = view.unit === "tiles" ? width + 1 : width;
+    lines(cols, canvas.width, "x");
+    lines(rows, canvas.height, "y");
+  }
+}
+
+function viewFacts(view) {
+  const [rows, cols] = view.grid;
+  return [
+    ["Image", `${view.width} × ${view.height}`],
+    ["Resized to", `${view.resized[0]} × ${view.resized[1]}`],
+    ["Grid", `${rows} x ${cols} ${view.unit}`],
+    ["Views", String(view.views)],
+    ["Tokens", String(view.tokens)],
+  ];
+}
+
+/** POST /views for one image (with the processor options) and the answer in the panel. */
+async function showViews(image) {
+  viewsShown = image;
+  const serial = ++viewsSerial;
+  const model = image.model || $("model").value;
+  const panel = $("views");
+  panel.hidden = false;
+  for (const key of ["resized", "grid", "tokens", "views", "unit"]) delete panel.dataset[key];
+  $("views-name").textContent = `${image.name} · ${model}`;
+  const facts = $("views-facts");
+  facts.replaceChildren(el("dd", null, "…"));
+  try {
+    const response = await api("/views", {
+      model: model || undefined,
+      messages: [{ role: "user", content: [{ type: "image_url", image_url: { url: image.url } }] }],
+      ...processorBody(model),
+    });
+    const view = (await response.json()).images[0];
+    if (serial !== viewsSerial) return;
+    await drawViews(view);
+    if (serial !== viewsSerial) return;
+    facts.replaceChildren(...viewFacts(view).flatMap(([name, value]) => [el("dt", null, name), el("dd", null, value)]));
+    Object.assign(panel.dataset, {
+      resized: view.resized.join("x"), grid: view.grid.join("x"), tokens: view.tokens, views: view.views, unit: view.unit,
+    });
+  } catch (err) {
+    if (serial !== viewsSerial) return;
+    if (!needKey(err, () => showViews(image))) facts.replaceChildren(el("dd", "error", `views: ${errorText(err)}`));
+  }
+}
+
+function closeViews() {
+  viewsShown = null;
+  viewsSerial += 1;
+  $("views").hidden = true;
 }
 
 // -- export / import -------------------------------------------------------------------------
@@ -559,7 +798,9 @@ function wire() {
   });
   document.addEventListener("keydown", (event) => { if (event.key === "Escape") stop(); });
   $("input").addEventListener("input", schedulePreview);
-  $("model").addEventListener("change", schedulePreview);
+  $("model").addEventListener("change", () => { renderProcessorOptions(); optionsChanged(); });
+  $("preprocess-mode").addEventListener("change", optionsChanged);
+  $("views-close").addEventListener("click", closeViews);
   $("system").addEventListener("change", () => { state.current.system = $("system").value; save(); schedulePreview(); });
   $("file").addEventListener("change", async (event) => {
     await addFiles([...event.target.files]);
