@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
+import http.server
 import io
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import uvicorn
 from PIL import Image, ImageDraw
@@ -80,3 +83,17 @@ def sha(data: bytes) -> str:
 def image_message(question: str, *urls: str) -> list[dict]:
     parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
     return [{"role": "user", "content": [*parts, {"type": "text", "text": question}]}]
+
+
+@contextmanager
+def file_server(directory: Path) -> Iterator[str]:
+    """A plain HTTP server on loopback serving ``directory`` (image URLs for tests); its base URL."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+    handler.log_message = lambda *a, **k: None  # type: ignore[method-assign]
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
-import http.server
 import io
 import json
 import threading
@@ -21,12 +20,12 @@ import openai
 import pytest
 import uvicorn
 from PIL import Image
+from serverutil import data_url, file_server, free_port, image_message, png_bytes, running_server
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from serverutil import data_url, free_port, image_message, png_bytes, running_server
 from vlmlab.config import EngineSpec, ServerSettings
 from vlmlab.engines import GenerationRequest, load_engine
 from vlmlab.engines.remote import RemoteEngine
@@ -59,13 +58,8 @@ def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def image_host(media_dir: Path) -> Iterator[str]:
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(media_dir))
-    handler.log_message = lambda *a, **k: None  # type: ignore[method-assign]
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with file_server(media_dir) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

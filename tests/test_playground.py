@@ -11,8 +11,6 @@ accessibility check needs axe-core from npm (``npm ci``: package.json) and is sk
 from __future__ import annotations
 
 import base64
-import functools
-import http.server
 import json
 import os
 import re
@@ -33,12 +31,12 @@ if CHROMIUM is None:
     pytest.skip("chromium is not installed: apt-get install chromium", allow_module_level=True)
 
 from playwright.sync_api import Browser, Page, sync_playwright
+from serverutil import file_server, png_bytes, running_server
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from serverutil import png_bytes, running_server
 from vlmlab.config import EngineSpec, ServedModel, ServerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,13 +73,8 @@ def image_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A plain HTTP server on loopback with one image, ``blue.png``."""
     root = tmp_path_factory.mktemp("playground-images")
     (root / "blue.png").write_bytes(png_bytes(96, 64, "blue", "circle"))
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a, **k: None  # type: ignore[method-assign]
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with file_server(root) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

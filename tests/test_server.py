@@ -3,16 +3,13 @@ official openai client and raw httpx."""
 
 from __future__ import annotations
 
-import functools
-import http.server
-import threading
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from serverutil import data_url, file_server, image_message, png_bytes, running_server
 
-from serverutil import data_url, image_message, png_bytes, running_server
 from vlmlab.config import EngineSpec, ServerSettings
 from vlmlab.families import get_family
 
@@ -30,13 +27,8 @@ def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def image_host(media_dir: Path):
     """A local http server for image URLs (reached through the policy's test allowance)."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(media_dir))
-    handler.log_message = lambda *a, **k: None  # type: ignore[method-assign]
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    with file_server(media_dir) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +88,9 @@ def test_usage_equals_an_independent_count_and_tokenize(server, client) -> None:
         {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare the two images."}]},
     ]
     prompt = processor.apply_chat_template(hf_messages, add_generation_prompt=True, tokenize=False)
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
     expected = processor(text=[prompt], images=pil, return_tensors="pt", add_special_tokens=False)["input_ids"].shape[1]
