@@ -42,6 +42,9 @@ def eval_command(
     judge_api_key: Annotated[str | None, typer.Option(envvar="VLMLAB_JUDGE_API_KEY")] = None,
     response_format: Annotated[str | None, typer.Option(help="text (default) or json: each answer is an enforced {\"answer\": ...} (option letters, Yes/No or a short string, by dataset) and is scored as it is.")] = None,
     answer_schema: Annotated[list[str] | None, typer.Option("--answer-schema", help="Your own answer JSON Schema (with an \"answer\" property), FILE or DATASET=FILE; implies --response-format json. Repeatable.")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Spread the samples over Ray actors that each hold the model (pip install 'vlmlab[ray]').")] = False,
+    ray_address: Annotated[str | None, typer.Option(help="--ray: the cluster, auto or ray://host:10001 (default: a local one).")] = None,
+    workers: Annotated[int, typer.Option(help="--ray: model copies (Ray actors), one CPU each.")] = 2,
 ) -> None:
     """Score models on benchmarks; crash-safe (one JSON line per sample) and resumable."""
     from vlmlab.eval.answer_format import read_answer_schemas
@@ -61,6 +64,7 @@ def eval_command(
         metric_mode=metric_mode, data_dir=data_dir, progress=progress,
         judge_url=judge_url, judge_model=judge_model, judge_api_key=judge_api_key,
         response_format=(response_format or ("json" if schemas else "text")).strip().lower(), answer_schemas=schemas,
+        ray=ray, ray_address=ray_address, workers=workers,
     )  # fmt: skip
     summaries = run_eval(config)
     console.print(markdown_table(summaries))

@@ -64,6 +64,11 @@ class EvalConfig:
     # schemas as JSON text, by dataset key or "*" for every dataset (json only).
     response_format: str = "text"
     answer_schemas: Mapping[str, str] = field(default_factory=dict)
+    # Ray: the samples spread over ``workers`` actors that each hold the model, on the cluster
+    # at ``ray_address`` (None: a local one); results come back here, written by this process.
+    ray: bool = False
+    ray_address: str | None = None
+    workers: int = 2
 
     def judge(self) -> Any:
         """The extraction judge, or None (the default: rules only, unparsed rows reported)."""
@@ -344,6 +349,10 @@ def check_structured_outputs(engine: Engine) -> None:
 
 
 def load_model(config: EvalConfig, model: str) -> Engine:
+    if config.ray:
+        from vlmlab.engines.ray_pool import RayEnginePool
+
+        return RayEnginePool(config.engine_spec(model), config.workers, config.ray_address)
     return load_engine(config.engine_spec(model))
 
 
@@ -413,6 +422,8 @@ def run_eval(config: EvalConfig) -> list[dict[str, Any]]:
                 summary = summarize(spec, records, config.metric_mode, dict(info), judge)
                 summary["run"] = {"answered_now": run.answered, "resumed_from": run.done_before, "errors_now": run.errors, "seconds": round(run.seconds, 3)}
                 summary["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items() if k != "judge_api_key"}
+                if hasattr(engine, "cluster"):  # a Ray run: where it ran
+                    summary["cluster"] = engine.cluster()
                 run.path.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2, default=str))
                 summaries.append(summary)
         finally:
