@@ -12,6 +12,7 @@ each request answered exactly once.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -64,7 +65,8 @@ class RayEnginePool(Engine):
         if workers < 1:
             raise ConfigError(f"--workers must be at least 1, got {workers}")
         if not ray.is_initialized():
-            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+            # Ray's own start-up lines stay out of vlmlab's output; its warnings do not.
+            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, logging_level=logging.WARNING)
         actor = ray.remote(num_cpus=cpus_per_worker, max_restarts=-1, max_task_retries=-1)(_Worker)
         self.workers = [actor.remote(spec) for _ in range(workers)]
         self.in_flight = [0] * workers
