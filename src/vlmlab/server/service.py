@@ -419,7 +419,9 @@ class ChatService:
         started = asyncio.Event()
 
         async def run(index: int) -> None:
-            copy = body.model_copy(update={"n": 1, "seed": None if body.seed is None else body.seed + index})
+            # Streamed inside even when the client is not: the first answer's first token (after
+            # its image work and prefill) is what lets the others start.
+            copy = body.model_copy(update={"n": 1, "seed": None if body.seed is None else body.seed + index, "stream": True})
             answer = self.stream(copy)
             try:
                 async for item in answer:
