@@ -6,18 +6,26 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from browser import inline_images_decode, open_in_chromium
-from vlmlab.compare import Question, load_questions, parse_target, run_compare, run_sweep, summarize, write_outputs
+
+from vlmlab.compare import (
+    Question,
+    load_questions,
+    run_compare,
+    run_sweep,
+    summarize,
+    write_outputs,
+)
+from vlmlab.config import model_target
 from vlmlab.nano import checkpoint_path
 from vlmlab.protocol.errors import ConfigError
 
 
-def test_parse_target() -> None:
-    label, spec = parse_target("http://gpu1:8000/v1#mistralai/Pixtral-12B-2409")
+def test_model_target() -> None:
+    label, spec = model_target("http://gpu1:8000/v1#mistralai/Pixtral-12B-2409")
     assert spec.engine == "remote" and spec.model == "mistralai/Pixtral-12B-2409" and spec.extra["base_url"] == "http://gpu1:8000/v1"
-    assert parse_target("vllm:microsoft/Phi-3.5-vision-instruct")[1].engine == "vllm"
-    assert parse_target("nano", device="cpu")[1] .device == "cpu"
+    assert model_target("vllm:microsoft/Phi-3.5-vision-instruct")[1].engine == "vllm"
+    assert model_target("nano", device="cpu")[1] .device == "cpu"
     with pytest.raises(ConfigError, match="at least one model"):
         run_compare([], [Question((), "x")])
 

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlmlab.config import EngineSpec, model_target
+from vlmlab.config import model_target
 from vlmlab.engines import Engine, GenerationRequest, check_model, complete, load_engine
 from vlmlab.protocol.core import Chat, ImageData, ImagePart, SamplingParams
 from vlmlab.protocol.errors import ConfigError, VlmlabError
@@ -53,11 +53,6 @@ class Answer:
     peak_memory_bytes: int | None
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def parse_target(text: str, **defaults: Any) -> tuple[str, EngineSpec]:
-    """``URL#model`` -> remote engine; ``engine:model`` -> that engine; else hf. Returns (label, spec)."""
-    return model_target(text, **defaults)
 
 
 def image_part(image: Any, label: str) -> ImagePart:
@@ -137,7 +132,7 @@ def run_compare(targets: Sequence[str], questions: Sequence[Question], max_token
         raise ConfigError("give at least one model: --models nano,<another>")
     if not questions:
         raise ConfigError("give a question (--question with --image, --questions-file, or --dataset)")
-    parsed = [parse_target(target, **engine_defaults) for target in targets]
+    parsed = [model_target(target, **engine_defaults) for target in targets]
     for _, spec in parsed:  # a missing second model fails before the first one loads
         check_model(spec)
     answers: list[Answer] = []
@@ -203,7 +198,7 @@ def sweep_key(resolutions: Sequence[int], images_per_prompt: Sequence[int]) -> s
 def run_sweep(target: str, questions: Sequence[Question], resolutions: Sequence[int] = (), images_per_prompt: Sequence[int] = (), max_tokens: int = 64, **engine_defaults: Any) -> list[Answer]:
     """One model; each question at each longest-side resolution and/or with each image count
     (:func:`with_image_count`); both axes given: every pair of the two."""
-    label, spec = parse_target(target, **engine_defaults)
+    label, spec = model_target(target, **engine_defaults)
     engine = load_engine(spec)
     answers: list[Answer] = []
     try:
