@@ -37,8 +37,9 @@ class Capabilities:
 FEATURES = frozenset({"structured_outputs", "logprobs", "penalties", "logit_bias", "min_tokens", "tools"})
 
 
-def used_features(sampling: SamplingParams) -> list[tuple[str, str]]:
-    """``(feature, request field)`` for each feature ``sampling`` uses."""
+def used_features(sampling: SamplingParams, tools_offered: bool = False) -> list[tuple[str, str]]:
+    """``(feature, request field)`` for each feature ``sampling`` uses; ``tools_offered``: the
+    chat offers tools (rendered into the prompt even with ``tool_choice`` none)."""
     used = []
     if sampling.structured is not None:
         used.append(("structured_outputs", sampling.structured.param))
@@ -53,14 +54,14 @@ def used_features(sampling: SamplingParams) -> list[tuple[str, str]]:
         used.append(("logit_bias", "logit_bias"))
     if sampling.min_tokens:
         used.append(("min_tokens", "min_tokens"))
-    if sampling.tool_choice != "none":
+    if sampling.tool_choice != "none" or tools_offered:
         used.append(("tools", "tools"))
     return used
 
 
-def check_features(engine_name: str, capabilities: Capabilities, sampling: SamplingParams) -> None:
+def check_features(engine_name: str, capabilities: Capabilities, sampling: SamplingParams, tools_offered: bool = False) -> None:
     """Raises BadRequestError naming the first request field whose feature the engine lacks."""
-    for feature, param in used_features(sampling):
+    for feature, param in used_features(sampling, tools_offered):
         if feature not in capabilities.features:
             raise BadRequestError(f"{param} is not supported by the {engine_name} engine", param=param)
 

@@ -180,9 +180,7 @@ class ChatService:
         chat = body.to_chat()
         sampling = body.to_sampling(default_max_tokens=self.settings.default_max_tokens)
         engine = self.chain.current()
-        check_features(engine.name, engine.capabilities, sampling)  # honoured, or a 400 naming it
-        if chat.tools and sampling.tool_choice == "none" and "tools" not in engine.capabilities.features:
-            raise BadRequestError(f"tools are not supported by the {engine.name} engine", param="tools")
+        check_features(engine.name, engine.capabilities, sampling, bool(chat.tools))  # honoured, or a 400 naming it
         options = dict(body.mm_processor_kwargs or {})
         mode = options.pop("preprocess_mode", self.settings.preprocess_mode)
         if mode not in ("exact", "fast"):
