@@ -482,10 +482,12 @@ class HFEngine(Engine):
         return int(width) if width else int(self.model.config.get_text_config().vocab_size)
 
     def _check_logit_bias(self, sampling: SamplingParams) -> None:
+        if not sampling.logit_bias:  # most requests: nothing to look up
+            return
         vocab = self.vocab_size
-        for token, _ in sampling.logit_bias:
-            if token >= vocab:
-                raise BadRequestError(f"logit_bias names token {token}; this model's ids are 0 to {vocab - 1}", param="logit_bias")
+        highest = max(token for token, _ in sampling.logit_bias)  # the items are sorted, but say so
+        if highest >= vocab:
+            raise BadRequestError(f"logit_bias names token {highest}; this model's ids are 0 to {vocab - 1}", param="logit_bias")
 
     def _compile(self, structured: StructuredOutput) -> Any:
         with self._grammars_lock:
