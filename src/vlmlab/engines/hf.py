@@ -485,7 +485,7 @@ class HFEngine(Engine):
         if not sampling.logit_bias:  # most requests: nothing to look up
             return
         vocab = self.vocab_size
-        highest = max(token for token, _ in sampling.logit_bias)  # the items are sorted, but say so
+        highest = max(token for token, _ in sampling.logit_bias)
         if highest >= vocab:
             raise BadRequestError(f"logit_bias names token {highest}; this model's ids are 0 to {vocab - 1}", param="logit_bias")
 
