@@ -7,8 +7,8 @@ into these objects and library code only ever sees the objects.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from importlib import resources
 from dataclasses import dataclass, field, replace
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -85,6 +85,59 @@ class ServedModel:
 
 
 @dataclass(frozen=True)
+class RaySettings:
+    """``vlmlab serve --ray``: the model's replicas as a Ray Serve application.
+
+    Attributes:
+        address: the cluster (``auto``, ``ray://host:10001``; ``None``: start a local one).
+        replicas: copies of the model, each with its own engine chain and caches (a fixed
+            number; ``min_replicas``/``max_replicas`` make it autoscale instead).
+        num_cpus, num_gpus: what one replica reserves (``num_gpus: 1`` puts each on its own GPU;
+            the vLLM engine's tensor parallelism runs inside one replica).
+        min_replicas, max_replicas, target_ongoing_requests: Ray Serve autoscaling bounds and
+            the requests in flight per replica it aims at.
+        router: ``affinity`` (a request whose image was seen goes to the replica that holds
+            its preprocessed image) or ``default`` (Ray Serve's power-of-two choices).
+        affinity_imbalance: how many more requests in flight the replica holding an image may
+            have than the least busy one before the request goes elsewhere.
+        max_ongoing_requests: requests one replica takes at once (Ray queues the rest).
+    """
+
+    address: str | None = None
+    replicas: int = 2
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    target_ongoing_requests: float = 8.0
+    router: str = "affinity"
+    affinity_imbalance: int = 4
+    max_ongoing_requests: int = 64
+
+    def __post_init__(self) -> None:
+        if self.router not in ("affinity", "default"):
+            raise ConfigError(f"ray.router must be 'affinity' or 'default', got {self.router!r}")
+        if self.replicas < 1 or self.max_ongoing_requests < 1:
+            raise ConfigError(f"ray.replicas and ray.max_ongoing_requests must be at least 1, got {self.replicas} and {self.max_ongoing_requests}")
+        if self.affinity_imbalance < 0 or self.num_cpus < 0 or self.num_gpus < 0:
+            raise ConfigError("ray.affinity_imbalance, ray.num_cpus and ray.num_gpus must be >= 0")
+        low, high = self.min_replicas, self.max_replicas
+        if (low is None) != (high is None) or (low is not None and not 0 <= low <= high >= 1):  # type: ignore[operator]
+            raise ConfigError(f"ray.min_replicas and ray.max_replicas go together, 0 <= min <= max, max >= 1; got {low} and {high}")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RaySettings:
+        """From a config file's ``ray:`` section; an unknown key is named with the valid ones."""
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"ray: a mapping of Ray settings, got {values!r}")
+        known = set(cls.__dataclass_fields__)
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"unknown ray setting(s) {sorted(unknown)}. Valid: {sorted(known)}")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
 class ServerSettings:
     """Everything ``vlmlab serve`` needs; built from flags, a YAML/JSON ``--config`` and env.
 
@@ -130,6 +183,7 @@ class ServerSettings:
             long (of opening, or of the previous response), or it is closed.
         http_body_timeout_s: a request's body must arrive within this long of its headers.
         http_max_header_bytes: request line and headers larger than this get 431.
+        ray: replicas on a Ray cluster (``vlmlab serve --ray``); ``None``: this process serves.
     """
 
     engines: tuple[EngineSpec, ...] = (EngineSpec(),)
@@ -164,6 +218,7 @@ class ServerSettings:
     http_header_timeout_s: float = 10.0
     http_body_timeout_s: float = 60.0
     http_max_header_bytes: int = 32 * 2**10
+    ray: RaySettings | None = None
 
     def __post_init__(self) -> None:
         if not self.engines:
@@ -321,6 +376,8 @@ def server_settings(config: Mapping[str, Any] | None = None, **overrides: Any) -
             server[key] = tuple(h.strip() for h in server[key].split(",") if h.strip())
         elif server.get(key) is not None:
             server[key] = tuple(server[key])
+    if isinstance(server.get("ray"), Mapping):
+        server["ray"] = RaySettings.from_mapping(server["ray"])
     models = tuple(_served_model(entry, engine_defaults, f"models[{i}]") for i, entry in enumerate(more))
     names = [server.get("served_model_name") or specs[0].model, *(m.name for m in models)]
     twice = sorted({n for n in names if names.count(n) > 1})

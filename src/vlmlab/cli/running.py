@@ -9,7 +9,7 @@ import logging
 import socket
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -23,6 +23,7 @@ from vlmlab.cli import (
     remote_extra,
     with_quantization,
 )
+from vlmlab.protocol.errors import ConfigError
 
 
 @app.command()
@@ -153,12 +154,15 @@ def serve(
     preprocess_workers: Annotated[int | None, typer.Option(help="Processes for large images (default: cores; 0 = off).")] = None,
     opt: Annotated[list[str] | None, typer.Option("--opt", help="Processor default NAME=VALUE.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning.")] = "info",
+    ray: Annotated[bool, typer.Option("--ray", help="Serve replicas of the model on a Ray cluster behind this endpoint (pip install 'vlmlab[ray]'); config: ray: {...}.")] = False,
+    ray_address: Annotated[str | None, typer.Option(help="--ray: the cluster, auto or ray://host:10001 (default: start a local one).")] = None,
+    replicas: Annotated[int | None, typer.Option(help="--ray: copies of the model (default 2), each with its own caches.")] = None,
+    ray_router: Annotated[str | None, typer.Option(help="--ray: affinity (default; a seen image goes to the replica holding it) or default (Ray's power of two).")] = None,
 ) -> None:
     """Serve a model behind the OpenAI chat-completions API (default: nano on 127.0.0.1:8000)."""
     import uvicorn
 
     from vlmlab.config import read_config_file, server_settings
-    from vlmlab.server import create_app
 
     file_settings = read_config_file(config) if config else None
     first, *more = model or [None]
@@ -181,6 +185,7 @@ def serve(
         http_header_timeout_s=http_header_timeout, http_body_timeout_s=http_body_timeout,
         http_max_header_bytes=http_max_header_bytes,
     )  # fmt: skip
+    settings = with_ray(settings, ray, ray_address=ray_address, replicas=replicas, router=ray_router)
     chosen = with_quantization({}, quantization, load_in_4bit, load_in_8bit)
     if chosen:  # every engine of the chain, whatever extra each one has from the config file
         engines = tuple(dataclasses.replace(s, extra={**s.extra, **chosen}) for s in settings.engines)
@@ -192,29 +197,19 @@ def serve(
     host_shown = f"[{settings.host}]" if ":" in settings.host else settings.host
     url = f"http://{host_shown}:{sock.getsockname()[1]}/v1"
     names = ", ".join(m.model_name for m in settings.each_model())
-    console.print(f"[bold]vlmlab serve[/bold] loading {names}, to serve on {url} once loaded")
-    from vlmlab.server.engines import EngineChain
     from vlmlab.server.http_limits import uvicorn_options
 
-    # The engines load here, not in the app's lifespan: a model that cannot load ends in one
-    # line (vlmlab.cli.main), not in a start-up traceback from starlette and uvicorn.
-    chains = [EngineChain(m.engines, m.engine_failures_before_fallback) for m in settings.each_model()]
-    try:
-        from vlmlab.engines import check_model
-
-        for chain in chains:  # every model is there before the first one loads
-            if len(chain.specs) == 1:
-                check_model(chain.specs[0])
-        for chain in chains:
-            chain.start()
-    except KeyboardInterrupt:  # Ctrl-C while a model loads: a quiet stop
-        sock.close()
-        return
-    except BaseException:
-        sock.close()
-        raise
+    if settings.ray:
+        app = ray_front(settings, sock, names, url)
+        if app is None:
+            return
+    else:
+        console.print(f"[bold]vlmlab serve[/bold] loading {names}, to serve on {url} once loaded")
+        app = local_app(settings, sock)
+        if app is None:
+            return
     config = uvicorn.Config(
-        create_app(settings, chains[0], chains[1:]), host=settings.host, port=settings.port, log_level=log_level.lower(),
+        app, host=settings.host, port=settings.port, log_level=log_level.lower(),
         **uvicorn_options(settings),  # header/body deadlines and the header-size limit
     )  # fmt: skip
 
@@ -233,8 +228,76 @@ def serve(
         return
     finally:
         sock.close()
+        if settings.ray:
+            from vlmlab.server.ray_serve import stop
+
+            stop()
     if not server.started:  # uvicorn logged why (what uvicorn.run does)
         raise typer.Exit(3)
+
+
+def with_ray(settings: Any, on: bool, **flags: Any) -> Any:
+    """``settings`` with the ``--ray`` flags over the config file's ``ray:`` section (the
+    flags without ``--ray`` or a ``ray:`` section are a mistake worth naming)."""
+    from vlmlab.config import RaySettings
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    if given and not (on or settings.ray):
+        named = ", ".join("--" + ("ray-" + k if k in ("address", "router") else k).replace("_", "-") for k in given)
+        raise ConfigError(f"{named} need --ray: add --ray to serve replicas on a Ray cluster")
+    if not (on or settings.ray):
+        return settings
+    base = dataclasses.asdict(settings.ray) if settings.ray else {}
+    return dataclasses.replace(settings, ray=RaySettings(**{**base, **given}))
+
+
+def ray_front(settings: Any, sock: socket.socket, names: str, url: str) -> Any:
+    """Deploy the replicas on Ray and return the front's app (``None``: stopped while loading)."""
+    from vlmlab.server.ray_serve import front_app, start, stop
+
+    where = settings.ray.address or "a local Ray cluster"
+    console.print(f"[bold]vlmlab serve[/bold] starting {settings.ray.replicas} replicas of {names} on {where}, to serve on {url} once loaded")
+    try:
+        from vlmlab.engines import check_model
+
+        for model in settings.each_model():
+            if len(model.engines) == 1:
+                check_model(model.engines[0])
+        front = start(settings)
+    except KeyboardInterrupt:
+        sock.close()
+        stop()
+        return None
+    except BaseException:
+        sock.close()
+        stop()
+        raise
+    return front_app(front, settings)
+
+
+def local_app(settings: Any, sock: socket.socket) -> Any:
+    """Load the engines in this process and return the app (``None``: stopped while loading)."""
+    from vlmlab.server import create_app
+    from vlmlab.server.engines import EngineChain
+
+    # The engines load here, not in the app's lifespan: a model that cannot load ends in one
+    # line (vlmlab.cli.main), not in a start-up traceback from starlette and uvicorn.
+    chains = [EngineChain(m.engines, m.engine_failures_before_fallback) for m in settings.each_model()]
+    try:
+        from vlmlab.engines import check_model
+
+        for chain in chains:  # every model is there before the first one loads
+            if len(chain.specs) == 1:
+                check_model(chain.specs[0])
+        for chain in chains:
+            chain.start()
+    except KeyboardInterrupt:  # Ctrl-C while a model loads: a quiet stop
+        sock.close()
+        return None
+    except BaseException:
+        sock.close()
+        raise
+    return create_app(settings, chains[0], chains[1:])
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:
@@ -339,7 +402,7 @@ def nano_train(
     data_workers: Annotated[int, typer.Option(help="Processes building batches ahead (for a GPU run).")] = 0,
 ) -> None:
     """Train the nano model on the synthetic tasks (resumable; runs on CPU or a CUDA GPU)."""
-    from vlmlab.nano.train import DEFAULT_MIX, TrainConfig, parse_arch, flush_denormals, train
+    from vlmlab.nano.train import DEFAULT_MIX, TrainConfig, flush_denormals, parse_arch, train
 
     flush_denormals()
     accuracy = train(

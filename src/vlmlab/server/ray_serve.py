@@ -1,0 +1,438 @@
+"""``vlmlab serve --ray``: the model's replicas as a Ray Serve application, behind one endpoint.
+
+Two parts, both Ray Serve's own machinery (no scheduler or worker pool of vlmlab's):
+
+- :class:`Replica`, a Ray Serve deployment: one whole vlmlab server (engine chains, caches,
+  :func:`vlmlab.server.app.create_app`) per replica. A request reaches it as the HTTP request
+  (method, path, headers, body) and runs through that app in-process, so every route, limit and
+  error is exactly plain ``vlmlab serve``'s.
+- The front (:class:`Front`): takes the HTTP request, reads the image keys from the chat body
+  and hands the request to a replica through a deployment handle whose request router is
+  :class:`vlmlab.server.ray_router.ImageAffinityRouter`. ``/stats``, ``/metrics`` and
+  ``/health`` ask every replica and merge the answers (a ``replica`` label on each metric).
+  A replica that dies before it answered has its request sent again to another one; one that
+  dies mid-stream ends that stream with an error event.
+
+``vlmlab serve --ray`` runs the front in its own process under uvicorn (one Ray hop per
+request); :func:`build` makes the same front a Ray Serve ingress deployment instead, for
+``serve run`` and KubeRay's ``RayService`` (Ray's HTTP proxy in front of it, one more hop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from vlmlab.config import RaySettings, ServerSettings, server_settings
+from vlmlab.protocol.errors import ConfigError, EngineUnavailableError, VlmlabError
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "vlmlab"
+REPLICA_HEADER = "x-vlmlab-replica"
+# Routes whose body names images (the rest carry none worth routing on).
+IMAGE_ROUTES = ("/v1/chat/completions", "/tokenize", "/views")
+# A replica that dies before answering: the request is sent this many more times.
+RETRIES = 2
+# Whether start() started a local cluster (stop() then leaves the application to it).
+STARTED_LOCAL = False
+
+
+def ray_modules() -> tuple[Any, Any]:
+    try:
+        import ray
+        from ray import serve
+    except ImportError as exc:
+        raise ConfigError("--ray needs Ray Serve: pip install 'vlmlab[ray]'") from exc
+    return ray, serve
+
+
+# -- the replica ------------------------------------------------------------------------------
+
+
+class Replica:
+    """One vlmlab server inside one Ray Serve replica (see the module docstring)."""
+
+    def __init__(self, settings: ServerSettings):
+        from ray import serve
+
+        from vlmlab.server.app import create_app
+        from vlmlab.server.engines import EngineChain
+
+        chains = [EngineChain(m.engines, m.engine_failures_before_fallback) for m in settings.each_model()]
+        for chain in chains:
+            chain.start()
+        self.app = create_app(settings, chains[0], chains[1:])
+        self.lifespan: Any = None
+        self.started = asyncio.Lock()
+        self.id = serve.get_replica_context().replica_id.unique_id
+
+    async def _start(self) -> None:
+        async with self.started:
+            if self.lifespan is None:
+                lifespan = self.app.router.lifespan_context(self.app)
+                await lifespan.__aenter__()
+                self.lifespan = lifespan
+
+    async def http(
+        self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes,
+        images: tuple[str, ...] = (), replica: str | None = None,
+    ) -> AsyncIterator[dict[str, Any] | bytes]:
+        """The request through this replica's app: first ``{"status", "headers"}``, then the
+        body's chunks as the app sends them (an SSE stream chunk by chunk). ``images`` and
+        ``replica`` are for the router."""
+        await self._start()
+        sent: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        delivered = False
+        disconnected = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await disconnected.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            await sent.put(message)
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+            "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": query, "root_path": "",
+            "headers": headers, "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0), "state": {},
+        }  # fmt: skip
+        task = asyncio.create_task(self.app(scope, receive, send))
+        try:
+            while True:
+                getter = asyncio.ensure_future(sent.get())
+                done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:  # the app ended without a further message
+                    getter.cancel()
+                    if task.exception() is not None:
+                        raise task.exception()  # type: ignore[misc]
+                    return
+                message = getter.result()
+                if message["type"] == "http.response.start":
+                    out = [(k, v) for k, v in message.get("headers", [])] + [(REPLICA_HEADER.encode(), self.id.encode())]
+                    yield {"status": message["status"], "headers": out}
+                elif message["type"] == "http.response.body":
+                    if message.get("body"):
+                        yield bytes(message["body"])
+                    if not message.get("more_body", False):
+                        return
+        finally:
+            disconnected.set()  # the caller went away (or the response ended): the app stops
+            if not task.done():
+                task.cancel()
+
+    def replica_id(self) -> str:
+        return self.id
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    async def __del__(self) -> None:  # Ray Serve calls an async __del__ when a replica stops
+        if self.lifespan is not None:
+            await self.lifespan.__aexit__(None, None, None)
+
+
+# -- the front --------------------------------------------------------------------------------
+
+
+def image_keys(path: str, body: bytes) -> tuple[str, ...]:
+    """Keys of the images a chat body names (a hash of each URL or data URL), in order; none
+    for other routes or a body that is not a chat request (the replica answers why)."""
+    if path not in IMAGE_ROUTES or not body:
+        return ()
+    try:
+        messages = json.loads(body).get("messages")
+    except (ValueError, AttributeError):
+        return ()
+    keys: list[str] = []
+    for message in messages if isinstance(messages, list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else ():
+            if not isinstance(part, dict) or part.get("type") != "image_url":
+                continue
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if isinstance(url, str):
+                keys.append(hashlib.blake2b(url.encode(), digest_size=12).hexdigest())
+    return tuple(keys)
+
+
+class Front:
+    """The endpoint: hands each request to a replica (see the module docstring)."""
+
+    def __init__(self, handle: Any, app_name: str = APP_NAME):
+        self.handle = handle.options(stream=True)
+        self.calls = handle
+        self.app_name = app_name
+
+    def router(self) -> Any:
+        from vlmlab.server.ray_router import ROUTERS
+
+        return ROUTERS.get(self.app_name)
+
+    async def replica_ids(self) -> list[str]:
+        """The live replicas (the router learns them from the first call through the handle)."""
+        router = self.router()
+        if router is None or not router.replica_ids():
+            await self.calls.replica_id.remote()
+            router = self.router()
+        return router.replica_ids() if router is not None else []
+
+    async def __call__(self, request: Request) -> Response:
+        path = request.url.path
+        if request.method == "GET" and path in ("/stats", "/metrics", "/health"):
+            return await self.fan_out(request, path)
+        body = await request.body()
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
+        call = (request.method, path, request.url.query.encode(), headers, body)
+        keys = image_keys(path, body)
+        return await self.forward(call, keys)
+
+    async def forward(self, call: tuple[Any, ...], keys: tuple[str, ...], replica: str | None = None) -> Response:
+        import ray
+
+        for attempt in range(RETRIES + 1):
+            stream = self.handle.http.remote(*call, images=keys, replica=replica)
+            try:
+                start = await stream.__anext__()
+            except StopAsyncIteration:
+                return unavailable("the replica ended the request without an answer")
+            except ray.exceptions.RayError as exc:
+                if replica is not None or attempt == RETRIES:
+                    return unavailable(f"the replica answering this request failed ({type(exc).__name__}); retry the request")
+                logger.warning("a replica failed before answering (%s); sending the request to another", type(exc).__name__)
+                continue
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in start["headers"]}
+            sse = headers.get("content-type", "").startswith("text/event-stream")
+            headers.pop("content-length", None)  # set again from what is sent
+            return StreamingResponse(relay(stream, sse), status_code=start["status"], headers=headers)
+        raise AssertionError("unreachable")
+
+    async def fan_out(self, request: Request, path: str) -> Response:
+        """``/stats``, ``/metrics`` and ``/health`` from every replica, merged."""
+        ids = await self.replica_ids()
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
+        call = ("GET", path, request.url.query.encode(), headers, b"")
+
+        async def ask(replica: str) -> tuple[int, bytes]:
+            response = await self.forward(call, (), replica=replica)
+            chunks = [c async for c in response.body_iterator]  # type: ignore[attr-defined]
+            return response.status_code, b"".join(c if isinstance(c, bytes) else c.encode() for c in chunks)
+
+        answers = dict(zip(ids, await asyncio.gather(*(ask(r) for r in ids)), strict=True))
+        failed = {r: status for r, (status, _) in answers.items() if status != 200}
+        if path == "/health":
+            report = {r: (json.loads(body) if body.startswith(b"{") else {"status": status}) for r, (status, body) in answers.items()}
+            ok = any(status == 200 for status, _ in answers.values())
+            return JSONResponse({"status": "ok" if ok else "unhealthy", "replicas": report}, status_code=200 if ok else 503)
+        if failed and len(failed) == len(answers):  # 401 for a missing key, say: the first's answer
+            status, body = next(iter(answers.values()))
+            return Response(body, status_code=status, media_type="application/json")
+        good = {r: body for r, (status, body) in answers.items() if status == 200}
+        if path == "/metrics":
+            from prometheus_client import CONTENT_TYPE_LATEST
+
+            return Response(merge_metrics({r: b.decode() for r, b in good.items()}), media_type=CONTENT_TYPE_LATEST)
+        router = self.router()
+        merged = merge_stats({r: json.loads(b) for r, b in good.items()})
+        merged["routing"] = router.figures() if router is not None else None
+        merged["replicas_failed"] = failed
+        return JSONResponse(merged)
+
+
+async def relay(stream: Any, sse: bool) -> AsyncIterator[bytes]:
+    """The body chunks of a replica's answer; if the replica dies mid-stream, an SSE stream
+    ends with an error event (a plain body just ends)."""
+    import ray
+
+    try:
+        async for chunk in stream:
+            yield chunk
+    except ray.exceptions.RayError as exc:
+        logger.warning("a replica failed mid-answer (%s)", type(exc).__name__)
+        if sse:
+            error = EngineUnavailableError(f"the replica answering this stream failed ({type(exc).__name__}); retry the request")
+            yield f"data: {json.dumps(error.to_openai())}\n\n".encode()
+
+
+def unavailable(message: str) -> JSONResponse:
+    error: VlmlabError = EngineUnavailableError(message)
+    return JSONResponse(error.to_openai(), status_code=error.status_code)
+
+
+# -- merging the replicas' figures ------------------------------------------------------------
+
+CACHE_FIELDS = ("queries", "hits", "entries", "size", "budget", "evictions")
+
+
+def merge_stats(per_replica: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    """One ``/stats`` for all replicas: counts and caches summed, health all-of, the first
+    replica's description (model, engine, device); each replica's own report under
+    ``replicas`` (latency percentiles do not add up, so they are only there)."""
+    reports = list(per_replica.values())
+    if not reports:
+        return {"replicas": {}}
+    first = reports[0]
+    merged: dict[str, Any] = {k: first.get(k) for k in ("model", "engine", "engine_model", "device")}
+    merged["healthy"] = all(r.get("healthy") for r in reports)
+    for key in ("requests_active", "requests_in_engine"):
+        merged[key] = sum(r.get(key) or 0 for r in reports)
+    for cache in ("preprocess_cache", "encoder_cache", "response_cache"):
+        parts = [r[cache] for r in reports if r.get(cache)]
+        if parts:
+            summed = {f: sum(p.get(f, 0) for p in parts) for f in CACHE_FIELDS}
+            summed["hit_rate"] = round(summed["hits"] / summed["queries"], 4) if summed["queries"] else 0.0
+            merged[cache] = summed
+    totals: dict[str, float] = {}
+    for report in reports:
+        for key, value in (report.get("totals") or {}).items():
+            totals[key] = totals.get(key, 0) + value
+    merged["totals"] = totals
+    rates = {}
+    for kind, label in (("mm", "preprocess"), ("response", "response")):
+        queries = totals.get(f"{kind}_cache_queries", 0)
+        rates[label] = totals.get(f"{kind}_cache_hits", 0) / queries if queries else None
+    merged["cache_hit_rate"] = rates
+    merged["replicas"] = dict(per_replica)
+    return merged
+
+
+def merge_metrics(per_replica: Mapping[str, str]) -> bytes:
+    """One Prometheus exposition for all replicas: every sample with a ``replica`` label."""
+    from prometheus_client.core import Metric
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+    from prometheus_client.registry import CollectorRegistry
+    from prometheus_client.samples import Sample
+
+    families: dict[str, Metric] = {}
+    for replica, text in per_replica.items():
+        for family in text_string_to_metric_families(text):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+            for s in family.samples:
+                merged.samples.append(Sample(s.name, {**s.labels, "replica": replica}, s.value, s.timestamp, s.exemplar))
+
+    class Merged:
+        def collect(self) -> Any:
+            return iter(families.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Merged())  # type: ignore[arg-type]
+    return generate_latest(registry)
+
+
+# -- deploying --------------------------------------------------------------------------------
+
+
+def replica_deployment(settings: ServerSettings) -> Any:
+    """The replicas' deployment, bound to ``settings`` (their resources, count or autoscaling,
+    and router from ``settings.ray``)."""
+    _, serve = ray_modules()
+    from ray.serve.config import RequestRouterConfig
+
+    ray_settings = settings.ray or RaySettings()
+    scaling: dict[str, Any] = {"num_replicas": ray_settings.replicas}
+    if ray_settings.max_replicas is not None:
+        scaling = {"autoscaling_config": {
+            "min_replicas": ray_settings.min_replicas,
+            "max_replicas": ray_settings.max_replicas,
+            "target_ongoing_requests": ray_settings.target_ongoing_requests,
+        }}  # fmt: skip
+    router = RequestRouterConfig(
+        request_router_class="vlmlab.server.ray_router:ImageAffinityRouter",
+        request_router_kwargs={"mode": ray_settings.router, "imbalance": ray_settings.affinity_imbalance},
+    )
+    deployment = serve.deployment(
+        Replica,
+        name="Replica",
+        ray_actor_options={"num_cpus": ray_settings.num_cpus, "num_gpus": ray_settings.num_gpus},
+        max_ongoing_requests=ray_settings.max_ongoing_requests,
+        request_router_config=router,
+        # A request runs on the replica's event loop (the engine batches across requests).
+        health_check_period_s=2,
+        health_check_timeout_s=30,
+        **scaling,
+    )
+    return deployment.bind(settings)
+
+
+class FrontDeployment:
+    """The front as a Ray Serve ingress deployment (:func:`build`): Ray's HTTP proxy calls it
+    with each request."""
+
+    def __init__(self, replicas: Any):
+        self.front = Front(replicas)
+
+    async def __call__(self, request: Request) -> Response:
+        return await self.front(request)
+
+
+def build(args: Mapping[str, Any]) -> Any:
+    """The Ray Serve application for ``serve run vlmlab.server.ray_serve:build`` and KubeRay:
+    ``args`` is a vlmlab config (``model``, ``engine``, ..., ``ray: {replicas, num_gpus, ...}``)."""
+    _, serve = ray_modules()
+    settings = server_settings(dict(args))
+    settings = settings if settings.ray else server_settings({**args, "ray": {}})
+    front = serve.deployment(FrontDeployment, name="Front", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+    return front.bind(replica_deployment(settings))
+
+
+def start(settings: ServerSettings) -> Front:
+    """Deploy ``settings``' replicas on the Ray cluster (``settings.ray.address``; none: a
+    local one) and return the front that serves them from this process."""
+    global STARTED_LOCAL
+    ray, serve = ray_modules()
+    ray_settings = settings.ray or RaySettings()
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its start-up lines are not vlmlab's
+    if not ray.is_initialized():
+        STARTED_LOCAL = ray_settings.address is None
+        ray.init(address=ray_settings.address, log_to_driver=False, logging_level=logging.WARNING, include_dashboard=False)
+    # No Ray HTTP proxy: this process's uvicorn is the endpoint.
+    serve.start(http_options={"location": "NoServer"}, logging_config={"log_level": "WARNING"})
+    handle = serve.run(replica_deployment(settings), name=APP_NAME, route_prefix=None, blocking=False)
+    return Front(handle)
+
+
+def front_app(front: Front, settings: ServerSettings) -> Any:
+    """The ASGI app of ``vlmlab serve --ray``: every path to :class:`Front`, behind the same
+    key and body-size checks as plain ``serve`` (the replica checks them again)."""
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from vlmlab.server.guard import RequestGuard
+
+    async def endpoint(request: Request) -> Response:
+        return await front(request)
+
+    methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]
+    app = Starlette(routes=[Route("/{path:path}", endpoint, methods=methods)])
+    app.add_middleware(RequestGuard, settings=settings)
+    return app
+
+
+def stop() -> None:
+    """Remove the application from a cluster given by address and disconnect (a local
+    cluster, started by :func:`start`, stops with this process's Ray)."""
+    ray, serve = ray_modules()
+    if not ray.is_initialized():
+        return
+    try:
+        if not STARTED_LOCAL:
+            serve.delete(APP_NAME)
+    finally:
+        ray.shutdown()
