@@ -134,10 +134,11 @@ class Replica:
             if not task.done():
                 task.cancel()
 
-    def replica_id(self) -> str:
+    def replica_id(self, replica: str | None = None) -> str:
+        """This replica's id (``replica``: the router's, to ask one replica by id)."""
         return self.id
 
-    def pid(self) -> int:
+    def pid(self, replica: str | None = None) -> int:
         return os.getpid()
 
     async def __del__(self) -> None:  # Ray Serve calls an async __del__ when a replica stops
@@ -403,7 +404,7 @@ def start(settings: ServerSettings) -> Front:
         STARTED_LOCAL = ray_settings.address is None
         ray.init(address=ray_settings.address, log_to_driver=False, logging_level=logging.WARNING, include_dashboard=False)
     # No Ray HTTP proxy: this process's uvicorn is the endpoint.
-    serve.start(http_options={"location": "NoServer"}, logging_config={"log_level": "WARNING"})
+    serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
     handle = serve.run(replica_deployment(settings), name=APP_NAME, route_prefix=None, blocking=False)
     return Front(handle)
 
