@@ -149,7 +149,7 @@ def test_bad_input_gets_plain_serves_errors(served: Served) -> None:
 
 def test_ray_flags_without_ray_are_named() -> None:
     done = subprocess.run([sys.executable, "-m", "vlmlab", "serve", "--replicas", "3"], capture_output=True, text=True, timeout=60)
-    assert done.returncode != 0 and "--replicas need --ray" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode != 0 and "--replicas needs --ray" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_a_replica_killed_mid_load_fails_only_its_streams_and_comes_back(served: Served) -> None:

@@ -158,6 +158,8 @@ def serve(
     ray_address: Annotated[str | None, typer.Option(help="--ray: the cluster, auto or ray://host:10001 (default: start a local one).")] = None,
     replicas: Annotated[int | None, typer.Option(help="--ray: copies of the model (default 2), each with its own caches.")] = None,
     ray_router: Annotated[str | None, typer.Option(help="--ray: affinity (default; a seen image goes to the replica holding it) or default (Ray's power of two).")] = None,
+    replica_cpus: Annotated[float | None, typer.Option(help="--ray: CPUs one replica reserves (default 1; also its torch threads).")] = None,
+    replica_gpus: Annotated[float | None, typer.Option(help="--ray: GPUs one replica reserves (e.g. 1: a GPU each).")] = None,
 ) -> None:
     """Serve a model behind the OpenAI chat-completions API (default: nano on 127.0.0.1:8000)."""
     import uvicorn
@@ -185,7 +187,9 @@ def serve(
         http_header_timeout_s=http_header_timeout, http_body_timeout_s=http_body_timeout,
         http_max_header_bytes=http_max_header_bytes,
     )  # fmt: skip
-    settings = with_ray(settings, ray, ray_address=ray_address, replicas=replicas, router=ray_router)
+    settings = with_ray(
+        settings, ray, address=ray_address, replicas=replicas, router=ray_router, num_cpus=replica_cpus, num_gpus=replica_gpus
+    )
     chosen = with_quantization({}, quantization, load_in_4bit, load_in_8bit)
     if chosen:  # every engine of the chain, whatever extra each one has from the config file
         engines = tuple(dataclasses.replace(s, extra={**s.extra, **chosen}) for s in settings.engines)
@@ -196,11 +200,12 @@ def serve(
     sock = _listening_socket(settings.host, settings.port)
     host_shown = f"[{settings.host}]" if ":" in settings.host else settings.host
     url = f"http://{host_shown}:{sock.getsockname()[1]}/v1"
+    port_taken = sock.getsockname()[1]
     names = ", ".join(m.model_name for m in settings.each_model())
     from vlmlab.server.http_limits import uvicorn_options
 
     if settings.ray:
-        app = ray_front(settings, sock, names, url)
+        app = ray_front(settings, sock, names, url, ray_app_name(port_taken))
         if app is None:
             return
     else:
@@ -231,7 +236,7 @@ def serve(
         if settings.ray:
             from vlmlab.server.ray_serve import stop
 
-            stop()
+            stop(ray_app_name(port_taken))
     if not server.started:  # uvicorn logged why (what uvicorn.run does)
         raise typer.Exit(3)
 
@@ -243,15 +248,17 @@ def with_ray(settings: Any, on: bool, **flags: Any) -> Any:
 
     given = {k: v for k, v in flags.items() if v is not None}
     if given and not (on or settings.ray):
-        named = ", ".join("--" + ("ray-" + k if k in ("address", "router") else k).replace("_", "-") for k in given)
-        raise ConfigError(f"{named} need --ray: add --ray to serve replicas on a Ray cluster")
+        flag = {"address": "ray-address", "router": "ray-router", "num_cpus": "replica-cpus", "num_gpus": "replica-gpus"}
+        named = ", ".join("--" + flag.get(k, k) for k in given)
+        verb = "need" if len(given) > 1 else "needs"
+        raise ConfigError(f"{named} {verb} --ray: add --ray to serve replicas on a Ray cluster")
     if not (on or settings.ray):
         return settings
     base = dataclasses.asdict(settings.ray) if settings.ray else {}
     return dataclasses.replace(settings, ray=RaySettings(**{**base, **given}))
 
 
-def ray_front(settings: Any, sock: socket.socket, names: str, url: str) -> Any:
+def ray_front(settings: Any, sock: socket.socket, names: str, url: str, app_name: str) -> Any:
     """Deploy the replicas on Ray and return the front's app (``None``: stopped while loading)."""
     from vlmlab.server.ray_serve import front_app, start, stop
 
@@ -263,16 +270,21 @@ def ray_front(settings: Any, sock: socket.socket, names: str, url: str) -> Any:
         for model in settings.each_model():
             if len(model.engines) == 1:
                 check_model(model.engines[0])
-        front = start(settings)
+        front = start(settings, app_name)
     except KeyboardInterrupt:
         sock.close()
-        stop()
+        stop(app_name)
         return None
     except BaseException:
         sock.close()
-        stop()
+        stop(app_name)
         raise
     return front_app(front, settings)
+
+
+def ray_app_name(port: int) -> str:
+    """The Ray Serve application of the ``serve --ray`` on this port (one cluster can hold several)."""
+    return f"vlmlab-{port}"
 
 
 def local_app(settings: Any, sock: socket.socket) -> Any:

@@ -4,7 +4,14 @@
 that drives an engine) uses it unchanged: its requests go to the actor with the fewest in flight,
 each actor batches what it holds, results come back to the caller, which alone writes them.
 
-A worker that dies (its process killed, its node lost) is restarted by Ray, and the requests it
+Callers with more work per request than one generation (the evaluation runner: read a share of
+a dataset, build the prompts, answer them) send that work to the workers instead, with
+:meth:`RayEnginePool.call`: a function ``task(engine, scratch, *args)`` runs in the actor next
+to its engine, so only the function's (small) arguments and result cross processes. The
+functions come from the caller's layer and are pickled by reference, so this module stays
+unaware of them; ``scratch`` is a dict the actor keeps between calls (lost when it restarts).
+
+A worker that dies (its process killed, its node lost) is restarted by Ray, and the calls it
 held are sent again (``max_restarts`` / ``max_task_retries``): a generation is a pure function of
 its request at temperature 0 or with a seed, so a retry gives the same answer and the caller sees
 each request answered exactly once.
@@ -12,14 +19,18 @@ each request answered exactly once.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from vlmlab.config import EngineSpec
 from vlmlab.engines.base import Engine, EngineInfo, GenerationRequest, PromptCount
 from vlmlab.protocol.core import Chat, GenerationChunk, GenerationResult
 from vlmlab.protocol.errors import ConfigError, EngineError
+
+logger = logging.getLogger(__name__)
 
 
 def _ray() -> Any:
@@ -37,6 +48,12 @@ class _Worker:
         from vlmlab.engines import load_engine
 
         self.engine = load_engine(spec)
+        self.scratch: dict[str, Any] = {}
+
+    async def run(self, task: Callable[..., Any], *args: Any) -> Any:
+        """``task(engine, scratch, *args)``, awaited when it is a coroutine function."""
+        result = task(self.engine, self.scratch, *args)
+        return await result if inspect.isawaitable(result) else result
 
     def info(self) -> EngineInfo:
         return self.engine.info()
@@ -67,6 +84,9 @@ class RayEnginePool(Engine):
         if not ray.is_initialized():
             # Ray's own start-up lines stay out of vlmlab's output; its warnings do not.
             ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, logging_level=logging.WARNING)
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if cpus < workers * cpus_per_worker:  # Ray waits for them (an autoscaler may add nodes): say so
+            logger.warning("the Ray cluster has %g CPUs; %d workers need %g: some wait until it has them", cpus, workers, workers * cpus_per_worker)
         actor = ray.remote(num_cpus=cpus_per_worker, max_restarts=-1, max_task_retries=-1)(_Worker)
         self.workers = [actor.remote(spec) for _ in range(workers)]
         self.in_flight = [0] * workers
@@ -93,13 +113,40 @@ class RayEnginePool(Engine):
         extra = spec.extra
         return cls(spec, int(extra.get("ray_workers", 2)), extra.get("ray_address"))
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk | GenerationResult]:
-        index = min(range(len(self.workers)), key=self.in_flight.__getitem__)
+    async def _on(self, index: int, method: str, *args: Any) -> Any:
         self.in_flight[index] += 1
         try:
-            result = await self.workers[index].complete.remote(request)
+            return await getattr(self.workers[index], method).remote(*args)
+        except _ray().exceptions.RayTaskError as exc:  # the caller sees the worker's own exception
+            raise (exc.cause if isinstance(exc.cause, Exception) else exc) from exc
         finally:
             self.in_flight[index] -= 1
+
+    def put(self, value: Any) -> list[Any]:
+        """``value`` in Ray's object store, as a one-element list holding its reference: passed to
+        :meth:`call` that way, the reference itself reaches the worker, which fetches the value
+        (``await box[0]``) only when it does not hold it yet."""
+        return [_ray().put(value)]
+
+    def _least_busy(self) -> int:
+        return min(range(len(self.workers)), key=self.in_flight.__getitem__)
+
+    async def call(self, task: Callable[..., Any], *args: Any) -> Any:
+        """``task(engine, scratch, *args)`` on the worker with the fewest calls in flight; its result.
+
+        ``task`` must be importable on the workers (a module-level function of an installed
+        module). A worker that dies mid-call is restarted and the call sent again, so ``task``
+        must give the same result when run twice. Exceptions raised by ``task`` reach the caller
+        as they were raised (Ray's wrapper removed), and are not retried.
+        """
+        return await self._on(self._least_busy(), "run", task, *args)
+
+    async def call_each(self, task: Callable[..., Any], *args: Any) -> list[Any]:
+        """``task(engine, scratch, *args)`` once on every worker, in worker order (see :meth:`call`)."""
+        return await asyncio.gather(*(self._on(i, "run", task, *args) for i in range(len(self.workers))))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk | GenerationResult]:
+        result = await self._on(self._least_busy(), "complete", request)
         if result.text:
             yield GenerationChunk(result.text, result.completion_tokens)
         yield result

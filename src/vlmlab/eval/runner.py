@@ -178,10 +178,17 @@ class ResultsFile:
                 f.truncate(good_bytes)
 
     def append(self, record: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.extend([record])
+
+    def extend(self, records: list[dict[str, Any]]) -> None:
+        """Append ``records`` and sync them to disk, together (one fsync)."""
+        if not records:
+            return
+        self._handle.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
         self._handle.flush()
         os.fsync(self._handle.fileno())
-        self.records[record["key"]] = record
+        for record in records:
+            self.records[record["key"]] = record
 
     def close(self) -> None:
         self._handle.close()
@@ -201,6 +208,88 @@ class DatasetRun:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class SamplePrompt:
+    """One sample's chat, its rendered text, its generation parameters and its resume key."""
+
+    chat: Chat
+    rendered: str
+    sampling: SamplingParams
+    key: str
+
+
+class SampleAnswerer:
+    """One sample -> its prompt and resume key -> one result record, as :func:`run_dataset` writes
+    it. The same code runs in the process that writes the results and, on the Ray path, in each
+    worker that reads its own share of the dataset (:mod:`vlmlab.eval.ray_share`), so both give
+    the same keys and records."""
+
+    def __init__(self, engine_info: Any, model: str, spec: DatasetSpec, info: Mapping[str, Any], config: EvalConfig):
+        self.engine_info, self.model, self.spec, self.info, self.config = engine_info, model, spec, info, config
+        self.as_json = config.response_format == "json"
+        self.custom = config.answer_schemas.get(spec.key) or config.answer_schemas.get(answer_format.ANY_DATASET)
+        max_tokens = answer_format.max_tokens(spec, config.prompt_profile, config.response_format, config.max_tokens, bool(self.custom))
+        self.base_sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=config.seed)
+
+    def prompt(self, sample: EvalSample) -> SamplePrompt:
+        config, custom = self.config, self.custom
+        sampling, suffix, parts = self.base_sampling, "", []
+        if self.as_json:  # the schema is in the sampling (and the instruction in the prompt) keyed below
+            schema = json.loads(custom) if custom else answer_format.answer_schema(self.spec, sample)
+            sampling = replace(self.base_sampling, structured=answer_format.structured(schema))
+            suffix = answer_format.prompt_suffix(schema, custom=bool(custom))
+            parts = [{"response_format": "json"}]  # text-mode keys stay those of earlier runs
+        chat, rendered, digests = build_chat(self.spec, sample, config.prompt_profile, suffix)
+        key = content_key(
+            self.spec.key, self.info.get("revision"), sample.id, self.engine_info.engine, self.engine_info.model,
+            rendered, digests, dict(config.processor_options), asdict(sampling), *parts,
+        )  # fmt: skip
+        return SamplePrompt(chat, rendered, sampling, key)
+
+    async def answer(self, engine: Engine, sample: EvalSample, prompt: SamplePrompt) -> dict[str, Any]:
+        """The result record; an engine error is recorded in it (``error``), never dropped.
+
+        Raises:
+            ConfigError: the answer schema (or structured outputs) fails: every sample would, so
+                the run stops; the message names the flag, not the wire field.
+        """
+        spec, config = self.spec, self.config
+        try:
+            result = await complete(engine, GenerationRequest(prompt.chat, prompt.sampling, dict(config.processor_options)))
+            prediction, error = result.text, None
+            usage = {"prompt_tokens": result.prompt_tokens, "image_tokens": result.image_tokens, "completion_tokens": result.completion_tokens}
+            timing = {"ttft_s": result.timings.ttft_s, "total_s": result.timings.total_s}
+            finish = result.finish_reason
+        except VlmlabError as exc:  # recorded, never silently dropped: the summary counts it
+            if self.as_json and (exc.param == answer_format.PARAM or isinstance(exc, ConfigError)):
+                flag = "--answer-schema" if self.custom else "--response-format json"
+                reason = exc.message.removeprefix("response_format.json_schema.schema").lstrip(": ")
+                raise ConfigError(f"{flag} ({spec.key}): {reason}") from exc
+            prediction, error, usage, timing, finish = "", exc.message, {}, {}, "error"
+        record = {
+            "key": prompt.key,
+            "dataset": spec.key,
+            "sample_id": sample.id,
+            "model": self.model,
+            "engine": self.engine_info.engine,
+            "prompt_profile": config.prompt_profile,
+            "prompt": prompt.rendered,
+            "image_sizes": [[im.width, im.height] for im in sample.images],
+            "answers": jsonable(sample.answers),
+            "fields": jsonable(sample.fields),
+            "prediction": prediction,
+            "finish_reason": finish,
+            "error": error,
+            "usage": usage,
+            "timings": timing,
+            "generation": asdict(prompt.sampling),
+        }
+        if self.as_json:  # the scored answer is the JSON's "answer"; the model's text stays beside it
+            parsed = answer_format.parse_answer(prediction) if error is None else None
+            record.update(prediction=parsed or "", raw_prediction=prediction, response_format="json", answer_parsed=parsed is not None)
+        return record
+
+
 async def run_dataset(
     engine: Engine,
     model: str,
@@ -210,89 +299,74 @@ async def run_dataset(
     config: EvalConfig,
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> DatasetRun:
-    """Answer every sample not yet in the results file; returns counts."""
+    """Answer every sample not yet in the results file; returns counts.
+
+    With a :class:`~vlmlab.engines.ray_pool.RayEnginePool` the workers read the samples
+    themselves (``load_samples(spec, config.data_dir, config.limit)``, see
+    :mod:`vlmlab.eval.ray_share`) and ``samples`` is read here only when they cannot.
+    """
     path = Path(config.output_dir) / model_slug(model) / f"{spec.key}.jsonl"
     results = ResultsFile(path)
     done = sum(r.get("response_format", "text") == config.response_format for r in results.records.values())
     run = DatasetRun(model, spec.key, path, done_before=done, info=dict(info))
-    engine_info = engine.info()
-    as_json = config.response_format == "json"
-    custom = config.answer_schemas.get(spec.key) or config.answer_schemas.get(answer_format.ANY_DATASET)
-    max_tokens = answer_format.max_tokens(spec, config.prompt_profile, config.response_format, config.max_tokens, bool(custom))
-    base_sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=config.seed)
-    gate = asyncio.Semaphore(config.concurrency or max(1, config.batch_size * 2))
     start = time.perf_counter()
-    fatal: list[VlmlabError] = []
 
-    async def answer(sample: EvalSample, chat: Chat, rendered: str, key: str, sampling: SamplingParams) -> None:
+    def write(records: list[dict[str, Any]]) -> None:
+        fresh = [r for r in records if r["key"] not in results.records]
+        results.extend(fresh)
+        for record in fresh:
+            run.answered += 1
+            run.errors += record["error"] is not None
+            if on_result:
+                on_result(record)
+
+    try:
+        from vlmlab.engines.ray_pool import RayEnginePool
+        from vlmlab.eval.ray_share import answer_on_workers
+
+        if not (isinstance(engine, RayEnginePool) and await answer_on_workers(engine, model, spec, info, config, set(results.records), write)):
+            await _answer_here(engine, SampleAnswerer(engine.info(), model, spec, info, config), samples, results, config, write)
+    finally:
+        results.close()
+    run.seconds = time.perf_counter() - start
+    return run
+
+
+async def _answer_here(
+    engine: Engine,
+    answerer: SampleAnswerer,
+    samples: Iterable[EvalSample],
+    results: ResultsFile,
+    config: EvalConfig,
+    write: Callable[[list[dict[str, Any]]], None],
+) -> None:
+    """Read the samples in this process, build their prompts here, send each to ``engine``."""
+    gate = asyncio.Semaphore(config.concurrency or max(1, config.batch_size * 2))
+    fatal: list[BaseException] = []
+
+    async def answer(sample: EvalSample, prompt: SamplePrompt) -> None:
         try:
-            try:
-                result = await complete(engine, GenerationRequest(chat, sampling, dict(config.processor_options)))
-                prediction, error = result.text, None
-                usage = {"prompt_tokens": result.prompt_tokens, "image_tokens": result.image_tokens, "completion_tokens": result.completion_tokens}
-                timing = {"ttft_s": result.timings.ttft_s, "total_s": result.timings.total_s}
-                finish = result.finish_reason
-            except VlmlabError as exc:  # recorded, never silently dropped: the summary counts it
-                if as_json and (exc.param == answer_format.PARAM or isinstance(exc, ConfigError)):
-                    # The schema (or structured outputs) fails: every sample would, so the run
-                    # stops, recording nothing; the message names the flag, not the wire field.
-                    flag = "--answer-schema" if custom else "--response-format json"
-                    reason = exc.message.removeprefix("response_format.json_schema.schema").lstrip(": ")
-                    fatal.append(ConfigError(f"{flag} ({spec.key}): {reason}"))
-                    raise fatal[-1] from exc
-                prediction, error, usage, timing, finish = "", exc.message, {}, {}, "error"
-                run.errors += 1
+            record = await answerer.answer(engine, sample, prompt)
+        except BaseException as exc:
+            fatal.append(exc)
+            raise
         finally:
             gate.release()
-        record = {
-            "key": key,
-            "dataset": spec.key,
-            "sample_id": sample.id,
-            "model": model,
-            "engine": engine_info.engine,
-            "prompt_profile": config.prompt_profile,
-            "prompt": rendered,
-            "image_sizes": [[im.width, im.height] for im in sample.images],
-            "answers": jsonable(sample.answers),
-            "fields": jsonable(sample.fields),
-            "prediction": prediction,
-            "finish_reason": finish,
-            "error": error,
-            "usage": usage,
-            "timings": timing,
-            "generation": asdict(sampling),
-        }
-        if as_json:  # the scored answer is the JSON's "answer"; the model's text stays beside it
-            parsed = answer_format.parse_answer(prediction) if error is None else None
-            record.update(prediction=parsed or "", raw_prediction=prediction, response_format="json", answer_parsed=parsed is not None)
-        results.append(record)
-        run.answered += 1
-        if on_result:
-            on_result(record)
+        write([record])
 
     pending: set[asyncio.Task[None]] = set()
     try:
         # Samples are read lazily and at most `gate` of them are in flight, so a 5,000-image
         # dataset never sits in memory at once.
         for sample in samples:
-            sampling, suffix, parts = base_sampling, "", []
-            if as_json:  # the schema is in the sampling (and the instruction in the prompt) keyed below
-                schema = json.loads(custom) if custom else answer_format.answer_schema(spec, sample)
-                sampling = replace(base_sampling, structured=answer_format.structured(schema))
-                suffix = answer_format.prompt_suffix(schema, custom=bool(custom))
-                parts = [{"response_format": "json"}]  # text-mode keys stay those of earlier runs
-            chat, rendered, digests = build_chat(spec, sample, config.prompt_profile, suffix)
-            key = content_key(
-                spec.key, info.get("revision"), sample.id, engine_info.engine, engine_info.model,
-                rendered, digests, dict(config.processor_options), asdict(sampling), *parts,
-            )  # fmt: skip
-            if key in results.records:
+            prompt = answerer.prompt(sample)
+            if prompt.key in results.records:
                 continue
             await gate.acquire()
             if fatal:
                 gate.release()
                 break
-            task = asyncio.create_task(answer(sample, chat, rendered, key, sampling))
+            task = asyncio.create_task(answer(sample, prompt))
             pending.add(task)
             task.add_done_callback(pending.discard)
         if pending:
@@ -300,9 +374,6 @@ async def run_dataset(
     finally:
         for task in pending:
             task.cancel()
-        results.close()
-    run.seconds = time.perf_counter() - start
-    return run
 
 
 def check_answer_format(config: EvalConfig, specs: Iterable[DatasetSpec]) -> None:

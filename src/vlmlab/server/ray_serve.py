@@ -86,9 +86,9 @@ class Replica:
         self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes,
         images: tuple[str, ...] = (), replica: str | None = None,
     ) -> AsyncIterator[dict[str, Any] | bytes]:
-        """The request through this replica's app: first ``{"status", "headers"}``, then the
-        body's chunks as the app sends them (an SSE stream chunk by chunk). ``images`` and
-        ``replica`` are for the router."""
+        """The request through this replica's app: first ``{"status", "headers", "body",
+        "ended"}`` (the body sent so far, and whether that is all of it), then the rest of the body as the app sends it (an SSE stream
+        chunk by chunk). ``images`` and ``replica`` are for the router."""
         await self._start()
         sent: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         delivered = False
@@ -120,15 +120,27 @@ class Replica:
                     if task.exception() is not None:
                         raise task.exception()  # type: ignore[misc]
                     return
-                message = getter.result()
-                if message["type"] == "http.response.start":
-                    out = [(k, v) for k, v in message.get("headers", [])] + [(REPLICA_HEADER.encode(), self.id.encode())]
-                    yield {"status": message["status"], "headers": out}
-                elif message["type"] == "http.response.body":
-                    if message.get("body"):
-                        yield bytes(message["body"])
-                    if not message.get("more_body", False):
-                        return
+                # Everything the app has sent by now goes as one item: each item is a Ray
+                # message, so a stream that outpaces them travels in fewer, larger ones.
+                messages = [getter.result()]
+                while not sent.empty():
+                    messages.append(sent.get_nowait())
+                start: dict[str, Any] | None = None
+                chunks: list[bytes] = []
+                ended = False
+                for message in messages:
+                    if message["type"] == "http.response.start":
+                        extra = [(REPLICA_HEADER.encode(), self.id.encode())]
+                        start = {"status": message["status"], "headers": [*message.get("headers", []), *extra]}
+                    elif message["type"] == "http.response.body":
+                        chunks.append(bytes(message.get("body", b"")))
+                        ended = ended or not message.get("more_body", False)
+                if start is not None:
+                    yield {**start, "body": b"".join(chunks), "ended": ended}
+                elif any(chunks):
+                    yield b"".join(chunks)
+                if ended:
+                    return
         finally:
             disconnected.set()  # the caller went away (or the response ended): the app stops
             if not task.done():
@@ -219,7 +231,9 @@ class Front:
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in start["headers"]}
             sse = headers.get("content-type", "").startswith("text/event-stream")
             headers.pop("content-length", None)  # set again from what is sent
-            return StreamingResponse(relay(stream, sse), status_code=start["status"], headers=headers)
+            if start["ended"]:  # the whole answer came with its start (not streamed)
+                return Response(start["body"], status_code=start["status"], headers=headers)
+            return StreamingResponse(relay(start["body"], stream, sse), status_code=start["status"], headers=headers)
         raise AssertionError("unreachable")
 
     async def fan_out(self, request: Request, path: str) -> Response:
@@ -230,7 +244,9 @@ class Front:
 
         async def ask(replica: str) -> tuple[int, bytes]:
             response = await self.forward(call, (), replica=replica)
-            chunks = [c async for c in response.body_iterator]  # type: ignore[attr-defined]
+            if not isinstance(response, StreamingResponse):
+                return response.status_code, bytes(response.body)
+            chunks = [c async for c in response.body_iterator]
             return response.status_code, b"".join(c if isinstance(c, bytes) else c.encode() for c in chunks)
 
         answers = dict(zip(ids, await asyncio.gather(*(ask(r) for r in ids)), strict=True))
@@ -254,11 +270,13 @@ class Front:
         return JSONResponse(merged)
 
 
-async def relay(stream: Any, sse: bool) -> AsyncIterator[bytes]:
-    """The body chunks of a replica's answer; if the replica dies mid-stream, an SSE stream
-    ends with an error event (a plain body just ends)."""
+async def relay(first: bytes, stream: Any, sse: bool) -> AsyncIterator[bytes]:
+    """The body chunks of a replica's answer (``first``: what came with its start); if the
+    replica dies mid-stream, an SSE stream ends with an error event (a plain body just ends)."""
     import ray
 
+    if first:
+        yield first
     try:
         async for chunk in stream:
             yield chunk
@@ -393,20 +411,22 @@ def build(args: Mapping[str, Any]) -> Any:
     return front.bind(replica_deployment(settings))
 
 
-def start(settings: ServerSettings) -> Front:
-    """Deploy ``settings``' replicas on the Ray cluster (``settings.ray.address``; none: a
-    local one) and return the front that serves them from this process."""
+def start(settings: ServerSettings, app_name: str = APP_NAME) -> Front:
+    """Deploy ``settings``' replicas on the Ray cluster (``settings.ray.address``; none: a new
+    local one) as the application ``app_name`` and return the front that serves them from this
+    process (``vlmlab serve --ray`` names it after its port, so several can share a cluster)."""
     global STARTED_LOCAL
     ray, serve = ray_modules()
     ray_settings = settings.ray or RaySettings()
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its start-up lines are not vlmlab's
     if not ray.is_initialized():
         STARTED_LOCAL = ray_settings.address is None
-        ray.init(address=ray_settings.address, log_to_driver=False, logging_level=logging.WARNING, include_dashboard=False)
+        # "local": a new cluster even when another one runs on this machine.
+        ray.init(address=ray_settings.address or "local", log_to_driver=False, logging_level=logging.WARNING, include_dashboard=False)
     # No Ray HTTP proxy: this process's uvicorn is the endpoint.
     serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
-    handle = serve.run(replica_deployment(settings), name=APP_NAME, route_prefix=None, blocking=False)
-    return Front(handle)
+    handle = serve.run(replica_deployment(settings), name=app_name, route_prefix=None, blocking=False)
+    return Front(handle, app_name)
 
 
 def front_app(front: Front, settings: ServerSettings) -> Any:
@@ -426,7 +446,7 @@ def front_app(front: Front, settings: ServerSettings) -> Any:
     return app
 
 
-def stop() -> None:
+def stop(app_name: str = APP_NAME) -> None:
     """Remove the application from a cluster given by address and disconnect (a local
     cluster, started by :func:`start`, stops with this process's Ray)."""
     ray, serve = ray_modules()
@@ -434,6 +454,6 @@ def stop() -> None:
         return
     try:
         if not STARTED_LOCAL:
-            serve.delete(APP_NAME)
+            serve.delete(app_name)
     finally:
         ray.shutdown()
