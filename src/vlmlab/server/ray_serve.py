@@ -146,6 +146,20 @@ class Replica:
             if not task.done():
                 task.cancel()
 
+    async def whole(
+        self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes,
+        images: tuple[str, ...] = (), replica: str | None = None,
+    ) -> dict[str, Any]:
+        """:meth:`http` for an answer that does not stream: ``{"status", "headers", "body"}``."""
+        answer: dict[str, Any] = {}
+        rest: list[bytes] = []
+        async for item in self.http(method, path, query, headers, body):
+            if isinstance(item, dict):
+                answer = item
+            else:
+                rest.append(item)
+        return {**answer, "body": answer.get("body", b"") + b"".join(rest)}
+
     def replica_id(self, replica: str | None = None) -> str:
         """This replica's id (``replica``: the router's, to ask one replica by id)."""
         return self.id
@@ -161,15 +175,17 @@ class Replica:
 # -- the front --------------------------------------------------------------------------------
 
 
-def image_keys(path: str, body: bytes) -> tuple[str, ...]:
-    """Keys of the images a chat body names (a hash of each URL or data URL), in order; none
-    for other routes or a body that is not a chat request (the replica answers why)."""
+def read_body(path: str, body: bytes) -> tuple[tuple[str, ...], bool]:
+    """Keys of the images a chat body names (a hash of each URL or data URL, in order), and
+    whether its answer streams; no keys for other routes or a body that is not a chat request
+    (the replica answers why)."""
     if path not in IMAGE_ROUTES or not body:
-        return ()
+        return (), False
     try:
-        messages = json.loads(body).get("messages")
+        parsed = json.loads(body)
+        messages, streams = parsed.get("messages"), parsed.get("stream") is True
     except (ValueError, AttributeError):
-        return ()
+        return (), False
     keys: list[str] = []
     for message in messages if isinstance(messages, list) else ():
         content = message.get("content") if isinstance(message, dict) else None
@@ -180,7 +196,7 @@ def image_keys(path: str, body: bytes) -> tuple[str, ...]:
             url = url.get("url") if isinstance(url, dict) else url
             if isinstance(url, str):
                 keys.append(hashlib.blake2b(url.encode(), digest_size=12).hexdigest())
-    return tuple(keys)
+    return tuple(keys), streams
 
 
 class Front:
@@ -211,20 +227,42 @@ class Front:
         body = await request.body()
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
         call = (request.method, path, request.url.query.encode(), headers, body)
-        keys = image_keys(path, body)
+        keys, streams = read_body(path, body)
+        if streams:
+            return await self.forward_stream(call, keys)
         return await self.forward(call, keys)
 
     async def forward(self, call: tuple[Any, ...], keys: tuple[str, ...], replica: str | None = None) -> Response:
+        """A request whose answer does not stream: one Ray call, sent again to another
+        replica if the one answering dies."""
         import ray
 
         for attempt in range(RETRIES + 1):
-            stream = self.handle.http.remote(*call, images=keys, replica=replica)
+            try:
+                answer = await self.calls.whole.remote(*call, images=keys, replica=replica)
+            except ray.exceptions.RayError as exc:
+                if replica is not None or attempt == RETRIES:
+                    return unavailable(f"the replica answering this request failed ({type(exc).__name__}); retry the request")
+                logger.warning("a replica failed before answering (%s); sending the request to another", type(exc).__name__)
+                continue
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in answer["headers"]}
+            headers.pop("content-length", None)  # set again from the body
+            return Response(answer["body"], status_code=answer["status"], headers=headers)
+        raise AssertionError("unreachable")
+
+    async def forward_stream(self, call: tuple[Any, ...], keys: tuple[str, ...]) -> Response:
+        """A streamed answer: relayed as the replica sends it; sent again to another replica
+        if the one answering dies before its first message."""
+        import ray
+
+        for attempt in range(RETRIES + 1):
+            stream = self.handle.http.remote(*call, images=keys)
             try:
                 start = await stream.__anext__()
             except StopAsyncIteration:
                 return unavailable("the replica ended the request without an answer")
             except ray.exceptions.RayError as exc:
-                if replica is not None or attempt == RETRIES:
+                if attempt == RETRIES:
                     return unavailable(f"the replica answering this request failed ({type(exc).__name__}); retry the request")
                 logger.warning("a replica failed before answering (%s); sending the request to another", type(exc).__name__)
                 continue
@@ -244,10 +282,7 @@ class Front:
 
         async def ask(replica: str) -> tuple[int, bytes]:
             response = await self.forward(call, (), replica=replica)
-            if not isinstance(response, StreamingResponse):
-                return response.status_code, bytes(response.body)
-            chunks = [c async for c in response.body_iterator]
-            return response.status_code, b"".join(c if isinstance(c, bytes) else c.encode() for c in chunks)
+            return response.status_code, bytes(response.body)
 
         answers = dict(zip(ids, await asyncio.gather(*(ask(r) for r in ids)), strict=True))
         failed = {r: status for r, (status, _) in answers.items() if status != 200}
