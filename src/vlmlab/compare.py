@@ -122,8 +122,52 @@ def unique_labels(labels: Sequence[str]) -> list[str]:
     return out
 
 
-def run_compare(targets: Sequence[str], questions: Sequence[Question], max_tokens: int = 64, **engine_defaults: Any) -> list[Answer]:
-    """Every model answers every question; models are loaded one at a time (memory).
+def answer_job(label: str, spec: Any, questions: Sequence[Question], max_tokens: int) -> list[Answer]:
+    """One model answers ``questions`` (loaded here, closed after): a job of
+    :func:`run_compare` / :func:`run_sweep`, in this process or in a Ray worker."""
+    engine = load_engine(spec)
+    try:
+        return asyncio.run(ask_all(engine, label, questions, max_tokens))
+    finally:
+        engine.close()
+
+
+@dataclass(frozen=True)
+class RayJobs:
+    """``--ray``: each job (a model of ``compare``, a level of ``sweep``) runs as a Ray task on
+    a worker of its own, all at once, on the cluster at ``address`` (``None``: a new local one).
+    A worker that dies is retried by Ray (the job is a pure function of its inputs at
+    temperature 0)."""
+
+    address: str | None = None
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+    def run(self, jobs: Sequence[tuple[str, Any, Sequence[Question]]], max_tokens: int) -> list[list[Answer]]:
+        try:
+            import ray
+        except ImportError as exc:
+            raise ConfigError("--ray needs Ray: pip install 'vlmlab[ray]'") from exc
+        if not ray.is_initialized():
+            import logging
+
+            ray.init(address=self.address or "local", log_to_driver=False, logging_level=logging.WARNING, include_dashboard=False)
+        task = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=3)(answer_job)
+        refs = [task.remote(label, spec, list(questions), max_tokens) for label, spec, questions in jobs]
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayTaskError as exc:  # a vlmlab error inside the job: its own message
+            cause = exc.cause if isinstance(getattr(exc, "cause", None), VlmlabError) else None
+            if cause is not None:
+                raise cause from None
+            raise
+
+
+def run_compare(
+    targets: Sequence[str], questions: Sequence[Question], max_tokens: int = 64, ray: RayJobs | None = None, **engine_defaults: Any
+) -> list[Answer]:
+    """Every model answers every question; models are loaded one at a time (memory), or with
+    ``ray`` each on a Ray worker of its own, all at once.
 
     Each answer's ``model`` is the target's label; a target given twice is labelled ``nano``,
     ``nano#2`` (see ``unique_labels``) so the runs stay separate rows and columns.
@@ -135,14 +179,10 @@ def run_compare(targets: Sequence[str], questions: Sequence[Question], max_token
     parsed = [model_target(target, **engine_defaults) for target in targets]
     for _, spec in parsed:  # a missing second model fails before the first one loads
         check_model(spec)
-    answers: list[Answer] = []
-    for label, (_, spec) in zip(unique_labels([label for label, _ in parsed]), parsed, strict=True):
-        engine = load_engine(spec)
-        try:
-            answers += asyncio.run(ask_all(engine, label, questions, max_tokens))
-        finally:
-            engine.close()
-    return answers
+    jobs = [(label, spec, questions) for label, (_, spec) in zip(unique_labels([label for label, _ in parsed]), parsed, strict=True)]
+    if ray is not None:
+        return [answer for answers in ray.run(jobs, max_tokens) for answer in answers]
+    return [answer for label, spec, asked in jobs for answer in answer_job(label, spec, asked, max_tokens)]
 
 
 def resize_longest(image: Any, side: int) -> Any:
@@ -195,27 +235,40 @@ def sweep_key(resolutions: Sequence[int], images_per_prompt: Sequence[int]) -> s
     return "resolution" if resolutions else "images_per_prompt"
 
 
-def run_sweep(target: str, questions: Sequence[Question], resolutions: Sequence[int] = (), images_per_prompt: Sequence[int] = (), max_tokens: int = 64, **engine_defaults: Any) -> list[Answer]:
+def run_sweep(
+    target: str, questions: Sequence[Question], resolutions: Sequence[int] = (), images_per_prompt: Sequence[int] = (),
+    max_tokens: int = 64, ray: RayJobs | None = None, **engine_defaults: Any,
+) -> list[Answer]:
     """One model; each question at each longest-side resolution and/or with each image count
-    (:func:`with_image_count`); both axes given: every pair of the two."""
+    (:func:`with_image_count`); both axes given: every pair of the two. With ``ray``, each level
+    runs on a Ray worker of its own (each loading the model), all at once."""
     label, spec = model_target(target, **engine_defaults)
-    engine = load_engine(spec)
+    levels = sweep_levels(resolutions, images_per_prompt)
+    jobs = []
+    for level in levels:
+        asked = list(questions)
+        if "images_per_prompt" in level:
+            asked = with_image_count(asked, level["images_per_prompt"])
+        if "resolution" in level:
+            side = level["resolution"]
+            asked = [Question(tuple(resize_longest(im, side) for im in q.images), q.question, q.expected, q.label) for q in asked]
+        jobs.append((label, spec, asked))
+    if ray is not None:
+        check_model(spec)
+        per_level = ray.run(jobs, max_tokens)
+    else:
+        engine = load_engine(spec)
+        try:
+            per_level = [asyncio.run(ask_all(engine, label, asked, max_tokens)) for _, _, asked in jobs]
+        finally:
+            engine.close()
     answers: list[Answer] = []
-    try:
-        for level in sweep_levels(resolutions, images_per_prompt):
-            asked = list(questions)
-            if "images_per_prompt" in level:
-                asked = with_image_count(asked, level["images_per_prompt"])
-            if "resolution" in level:
-                side = level["resolution"]
-                asked = [Question(tuple(resize_longest(im, side) for im in q.images), q.question, q.expected, q.label) for q in asked]
-            for answer in asyncio.run(ask_all(engine, label, asked, max_tokens)):
-                answer.extra.update(level)
-                if len(level) == 2:
-                    answer.extra["setting"] = f"{level['resolution']} px, {level['images_per_prompt']} image(s)"
-                answers.append(answer)
-    finally:
-        engine.close()
+    for level, level_answers in zip(levels, per_level, strict=True):
+        for answer in level_answers:
+            answer.extra.update(level)
+            if len(level) == 2:
+                answer.extra["setting"] = f"{level['resolution']} px, {level['images_per_prompt']} image(s)"
+            answers.append(answer)
     return answers
 
 

@@ -124,12 +124,16 @@ def compare(
     max_tokens: Annotated[int, typer.Option()] = 64,
     output_dir: Annotated[Path, typer.Option(help="Where answers.json and report.html go.")] = Path("compare-out"),
     device: Annotated[str, typer.Option()] = "auto",
+    ray: Annotated[bool, typer.Option("--ray", help="Each model on a Ray worker of its own, all at once (pip install 'vlmlab[ray]').")] = False,
+    ray_address: Annotated[str | None, typer.Option(help="--ray: the cluster, auto or ray://host:10001 (default: a new local one).")] = None,
+    worker_gpus: Annotated[float, typer.Option(help="--ray: GPUs each worker reserves.")] = 0.0,
 ) -> None:
     """Same questions, several models: answers, latency, TTFT, image tokens, memory side by side."""
     from vlmlab.compare import load_questions, run_compare, summarize, write_outputs
 
     questions = load_questions(image or [], question, questions_file, dataset, limit)
-    answers = run_compare([m for m in models.split(",") if m.strip()], questions, max_tokens, device=device)
+    jobs = ray_jobs(ray, ray_address, worker_gpus)
+    answers = run_compare([m for m in models.split(",") if m.strip()], questions, max_tokens, ray=jobs, device=device)
     path = write_outputs(answers, questions, output_dir, "vlmlab compare")
     _print_summary(summarize(answers), "model")
     console.print(f"report: {path}")
@@ -148,6 +152,9 @@ def sweep(
     max_tokens: Annotated[int, typer.Option()] = 64,
     output_dir: Annotated[Path, typer.Option()] = Path("sweep-out"),
     device: Annotated[str, typer.Option()] = "auto",
+    ray: Annotated[bool, typer.Option("--ray", help="Each level (each loading the model) on a Ray worker of its own, all at once (pip install 'vlmlab[ray]').")] = False,
+    ray_address: Annotated[str | None, typer.Option(help="--ray: the cluster, auto or ray://host:10001 (default: a new local one).")] = None,
+    worker_gpus: Annotated[float, typer.Option(help="--ray: GPUs each worker reserves.")] = 0.0,
 ) -> None:
     """How resolution (or the number of images) changes answers, accuracy, tokens and latency."""
     from vlmlab.compare import load_questions, run_sweep, summarize, sweep_key, write_outputs
@@ -162,11 +169,22 @@ def sweep(
     if not sides and not counts:
         raise ConfigError("give --resolutions 224,336,512 and/or --images-per-prompt 1,2,3")
     questions = load_questions(image or [], question, questions_file, dataset, limit)
-    answers = run_sweep(model, questions, sides, counts, max_tokens, device=device)
+    answers = run_sweep(model, questions, sides, counts, max_tokens, ray=ray_jobs(ray, ray_address, worker_gpus), device=device)
     by = sweep_key(sides, counts)
     path = write_outputs(answers, questions, output_dir, f"vlmlab sweep: {model}", by=by)
     _print_summary(summarize(answers, by), by)
     console.print(f"report: {path}")
+
+
+def ray_jobs(on: bool, address: str | None, gpus: float) -> Any:
+    """The ``--ray`` flags of compare and sweep (``None`` without ``--ray``)."""
+    from vlmlab.compare import RayJobs
+
+    if not on:
+        if address is not None or gpus:
+            raise ConfigError("--ray-address and --worker-gpus need --ray: add --ray to run on a Ray cluster")
+        return None
+    return RayJobs(address, gpus=gpus)
 
 
 def _print_summary(rows: list[dict[str, Any]], key: str) -> None:
