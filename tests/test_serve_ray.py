@@ -201,3 +201,22 @@ def test_a_replica_killed_mid_load_fails_only_its_streams_and_comes_back(served:
     assert len(now) == 2 and now != before, f"no replacement replica: {now}"
     answer = served.client.chat.completions.create(model="nano", messages=chat(picture(1)), max_tokens=4)
     assert answer.choices[0].message.content
+
+
+def test_the_ray_section_of_a_config_file(tmp_path) -> None:
+    from vlmlab.config import RaySettings, read_config_file
+    from vlmlab.protocol.errors import ConfigError
+    from vlmlab.server.ray_serve import replica_deployment, replica_options
+
+    path = tmp_path / "ray.yaml"
+    path.write_text("model: nano\nray:\n  num_gpus: 1\n  min_replicas: 1\n  max_replicas: 4\n  target_ongoing_requests: 6\n  router: default\n")
+    settings = server_settings(read_config_file(str(path)))
+    assert settings.ray == RaySettings(num_gpus=1, min_replicas=1, max_replicas=4, target_ongoing_requests=6, router="default")
+    options = replica_options(settings)  # what Ray Serve is given
+    assert options["ray_actor_options"]["num_gpus"] == 1 and "num_replicas" not in options
+    assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 6}
+    assert options["request_router_config"]["request_router_kwargs"]["mode"] == "default"
+    replica_deployment(settings)  # Ray Serve takes them
+    for bad, named in (({"replica": 2}, "replica"), ({"router": "random"}, "router"), ({"min_replicas": 3, "max_replicas": 2}, "min_replicas")):
+        with pytest.raises(ConfigError, match=named):
+            server_settings({"ray": bad})

@@ -393,12 +393,9 @@ def merge_metrics(per_replica: Mapping[str, str]) -> bytes:
 # -- deploying --------------------------------------------------------------------------------
 
 
-def replica_deployment(settings: ServerSettings) -> Any:
-    """The replicas' deployment, bound to ``settings`` (their resources, count or autoscaling,
-    and router from ``settings.ray``)."""
-    _, serve = ray_modules()
-    from ray.serve.config import RequestRouterConfig
-
+def replica_options(settings: ServerSettings) -> dict[str, Any]:
+    """What the replicas' Ray Serve deployment is given: resources, a fixed count or
+    autoscaling bounds, and the router, from ``settings.ray``."""
     ray_settings = settings.ray or RaySettings()
     scaling: dict[str, Any] = {"num_replicas": ray_settings.replicas}
     if ray_settings.max_replicas is not None:
@@ -407,22 +404,29 @@ def replica_deployment(settings: ServerSettings) -> Any:
             "max_replicas": ray_settings.max_replicas,
             "target_ongoing_requests": ray_settings.target_ongoing_requests,
         }}  # fmt: skip
-    router = RequestRouterConfig(
-        request_router_class="vlmlab.server.ray_router:ImageAffinityRouter",
-        request_router_kwargs={"mode": ray_settings.router, "imbalance": ray_settings.affinity_imbalance},
-    )
-    deployment = serve.deployment(
-        Replica,
-        name="Replica",
-        ray_actor_options={"num_cpus": ray_settings.num_cpus, "num_gpus": ray_settings.num_gpus},
-        max_ongoing_requests=ray_settings.max_ongoing_requests,
-        request_router_config=router,
-        # A request runs on the replica's event loop (the engine batches across requests).
-        health_check_period_s=2,
-        health_check_timeout_s=30,
+    return {
+        "name": "Replica",
+        "ray_actor_options": {"num_cpus": ray_settings.num_cpus, "num_gpus": ray_settings.num_gpus},
+        "max_ongoing_requests": ray_settings.max_ongoing_requests,
+        "request_router_config": {
+            "request_router_class": "vlmlab.server.ray_router:ImageAffinityRouter",
+            "request_router_kwargs": {"mode": ray_settings.router, "imbalance": ray_settings.affinity_imbalance},
+        },
+        # A dead replica is found by its actor's death at once; a hung one by these checks.
+        "health_check_period_s": 2,
+        "health_check_timeout_s": 30,
         **scaling,
-    )
-    return deployment.bind(settings)
+    }
+
+
+def replica_deployment(settings: ServerSettings) -> Any:
+    """The replicas' deployment (:func:`replica_options`), bound to ``settings``."""
+    _, serve = ray_modules()
+    from ray.serve.config import RequestRouterConfig
+
+    options = replica_options(settings)
+    options["request_router_config"] = RequestRouterConfig(**options["request_router_config"])
+    return serve.deployment(Replica, **options).bind(settings)
 
 
 class FrontDeployment:
