@@ -263,7 +263,9 @@ def ray_front(settings: Any, sock: socket.socket, names: str, url: str, app_name
     from vlmlab.server.ray_serve import front_app, start, stop
 
     where = settings.ray.address or "a local Ray cluster"
-    console.print(f"[bold]vlmlab serve[/bold] starting {settings.ray.replicas} replicas of {names} on {where}, to serve on {url} once loaded")
+    count = settings.ray.replicas
+    copies = f"{settings.ray.min_replicas}-{settings.ray.max_replicas} replicas" if settings.ray.max_replicas else f"{count} replica{'s' * (count != 1)}"
+    console.print(f"[bold]vlmlab serve[/bold] starting {copies} of {names} on {where}, to serve on {url} once loaded")
     try:
         from vlmlab.engines import check_model
 
