@@ -88,6 +88,7 @@ def test_two_workers_on_two_nodes_give_the_one_process_results(cluster, one_proc
     assert summaries[0]["n"] == LIMIT
     assert summaries[0]["cluster"]["workers"] == 2 and summaries[0]["cluster"]["worker_nodes"] == 2
     assert summaries[0]["cluster"]["nodes"] == 2 and summaries[0]["settings"]["ray"] is True
+    assert summaries[0]["cluster"]["samples_read_by"] == "workers"
 
 
 def test_a_resumed_run_answers_only_the_missing_samples(pool, one_process: Path, tmp_path: Path) -> None:
@@ -107,7 +108,7 @@ def test_a_dataset_read_from_disk_by_the_workers(pool, tmp_path: Path, caplog) -
     run_eval(EvalConfig(("nano",), (spec.key,), alone, device="cpu", data_dir=data, max_tokens=4, progress=False))
     with caplog.at_level(logging.WARNING, logger="vlmlab"):
         run = run_on(pool, tmp_path / "ray", spec, limit=None, data_dir=data, max_tokens=4, batch_size=2)
-    assert FALLBACK not in caplog.text
+    assert FALLBACK not in caplog.text and run.samples_read_by == "workers"
     assert run.answered == 3 and run.errors == 0
     assert answers(tmp_path / "ray", spec.key) == answers(alone, spec.key)
 
@@ -120,7 +121,7 @@ def test_a_dataset_the_workers_cannot_read_is_sent_to_them(pool, one_process: Pa
     spec = dataclasses.replace(get_dataset("synth"), prompts={"default": _here_only})
     with caplog.at_level(logging.WARNING, logger="vlmlab"):
         run = run_on(pool, tmp_path, spec)
-    assert FALLBACK in caplog.text
+    assert FALLBACK in caplog.text and run.samples_read_by == "driver"
     assert run.answered == LIMIT and run.errors == 0
     assert answers(tmp_path) == answers(one_process)
 
@@ -147,3 +148,16 @@ def test_a_worker_killed_mid_run_loses_nothing(pool, one_process: Path, tmp_path
     assert run.answered == LIMIT and run.errors == 0
     assert answers(tmp_path) == answers(one_process)
     assert asyncio.run(pool.call_each(lambda engine, scratch: os.getpid()))[0] != pids[0]  # restarted
+
+
+def test_a_one_cpu_worker_loads_the_hf_engine_without_prefill_overlap() -> None:
+    """It has no second core to overlap prefills on; a user's own setting wins."""
+    from vlmlab.engines.ray_pool import worker_spec
+
+    spec = EvalConfig(("nano",), ("synth",), Path("."), device="cpu").engine_spec("nano")
+    assert worker_spec(spec, 1).extra["overlap_prefill"] is False
+    assert "overlap_prefill" not in worker_spec(spec, 2).extra
+    mine = dataclasses.replace(spec, extra={"overlap_prefill": True})
+    assert worker_spec(mine, 1).extra["overlap_prefill"] is True
+    remote = dataclasses.replace(spec, engine="remote", extra={"base_url": "http://x"})
+    assert worker_spec(remote, 1) == remote

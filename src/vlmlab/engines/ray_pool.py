@@ -20,6 +20,7 @@ each request answered exactly once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -72,6 +73,19 @@ class _Worker:
         return self.engine.count_prompt_tokens(chat, options)
 
 
+def worker_spec(spec: EngineSpec, cpus: float) -> EngineSpec:
+    """``spec`` as one worker with ``cpus`` CPUs loads it.
+
+    The hf engine prefills new requests on a thread of their own while the batch decodes, to use
+    a second core; a one-CPU worker has none, and the overlap only costs switching: measured here
+    (nano, one core, image caches off) 9.2 ms of CPU per sample without it, 10.5 ms with it, the
+    answers the same. A setting of the user's own wins.
+    """
+    if spec.engine == "hf" and cpus <= 1 and "overlap_prefill" not in spec.extra:
+        return dataclasses.replace(spec, extra={**spec.extra, "overlap_prefill": False})
+    return spec
+
+
 class RayEnginePool(Engine):
     """``workers`` copies of ``spec``'s engine as Ray actors (see the module docstring)."""
 
@@ -83,12 +97,12 @@ class RayEnginePool(Engine):
             raise ConfigError(f"--workers must be at least 1, got {workers}")
         if not ray.is_initialized():
             # Ray's own start-up lines stay out of vlmlab's output; its warnings do not.
-            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, logging_level=logging.WARNING)
+            ray.init(address=address or "local", ignore_reinit_error=True, log_to_driver=False, logging_level=logging.WARNING)
         cpus = ray.cluster_resources().get("CPU", 0)
         if cpus < workers * cpus_per_worker:  # Ray waits for them (an autoscaler may add nodes): say so
             logger.warning("the Ray cluster has %g CPUs; %d workers need %g: some wait until it has them", cpus, workers, workers * cpus_per_worker)
         actor = ray.remote(num_cpus=cpus_per_worker, max_restarts=-1, max_task_retries=-1)(_Worker)
-        self.workers = [actor.remote(spec) for _ in range(workers)]
+        self.workers = [actor.remote(worker_spec(spec, cpus_per_worker)) for _ in range(workers)]
         self.in_flight = [0] * workers
         self.spec = spec
         try:
@@ -101,8 +115,6 @@ class RayEnginePool(Engine):
         self.capabilities = self._capabilities()  # type: ignore[misc]
 
     def _capabilities(self) -> Any:
-        import dataclasses
-
         from vlmlab.engines import ENGINES
 
         inner = ENGINES.get(self.spec.engine).capabilities
@@ -134,8 +146,8 @@ class RayEnginePool(Engine):
     async def call(self, task: Callable[..., Any], *args: Any) -> Any:
         """``task(engine, scratch, *args)`` on the worker with the fewest calls in flight; its result.
 
-        ``task`` must be importable on the workers (a module-level function of an installed
-        module). A worker that dies mid-call is restarted and the call sent again, so ``task``
+        ``task`` must reach the workers: a module-level function of an installed module (sent
+        by reference), or one cloudpickle sends by value (a lambda, a function of ``__main__``). A worker that dies mid-call is restarted and the call sent again, so ``task``
         must give the same result when run twice. Exceptions raised by ``task`` reach the caller
         as they were raised (Ray's wrapper removed), and are not retried.
         """

@@ -206,6 +206,8 @@ class DatasetRun:
     errors: int = 0
     seconds: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    # Ray: "workers" (each read its own share of the dataset) or "driver" (sent from here)
+    samples_read_by: str = "driver"
 
 
 @dataclass(frozen=True)
@@ -322,9 +324,13 @@ async def run_dataset(
 
     try:
         from vlmlab.engines.ray_pool import RayEnginePool
-        from vlmlab.eval.ray_share import answer_on_workers
 
-        if not (isinstance(engine, RayEnginePool) and await answer_on_workers(engine, model, spec, info, config, set(results.records), write)):
+        if isinstance(engine, RayEnginePool):
+            from vlmlab.eval.ray_share import answer_on_workers
+
+            if await answer_on_workers(engine, model, spec, info, config, set(results.records), write):
+                run.samples_read_by = "workers"
+        if run.samples_read_by == "driver":
             await _answer_here(engine, SampleAnswerer(engine.info(), model, spec, info, config), samples, results, config, write)
     finally:
         results.close()
@@ -494,7 +500,7 @@ def run_eval(config: EvalConfig) -> list[dict[str, Any]]:
                 summary["run"] = {"answered_now": run.answered, "resumed_from": run.done_before, "errors_now": run.errors, "seconds": round(run.seconds, 3)}
                 summary["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items() if k != "judge_api_key"}
                 if hasattr(engine, "cluster"):  # a Ray run: where it ran
-                    summary["cluster"] = engine.cluster()
+                    summary["cluster"] = {**engine.cluster(), "samples_read_by": run.samples_read_by}
                 run.path.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2, default=str))
                 summaries.append(summary)
         finally:
