@@ -59,7 +59,7 @@ def reference_inputs(chat: Chat):
     """What transformers itself makes of the chat: AutoProcessor + the checkpoint's template."""
     from transformers import AutoProcessor
 
-    from vlmlab.engines.hf_prompt import to_hf_messages
+    from vlmlab.engines.hf.prompt import to_hf_messages
 
     processor = AutoProcessor.from_pretrained(checkpoint_path())
     prompt = processor.apply_chat_template(to_hf_messages(chat), add_generation_prompt=True, tokenize=False)
@@ -306,7 +306,7 @@ def test_vlmlab_preprocessing_equals_the_model_processor_on_many_sizes(engine) -
 
 @pytest.mark.parametrize("lengths", [[], [5], [30, 150, 31, 152, 90, 88, 40, 41, 120], [10] * 16, [1, 1000, 2, 999]])
 def test_prefill_length_groups_bound_the_padding(lengths) -> None:
-    from vlmlab.engines.hf_continuous import length_groups
+    from vlmlab.engines.hf.continuous import length_groups
 
     groups = length_groups(lengths, slack=1.3)
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # each index once

@@ -25,7 +25,7 @@ from PIL import Image
 
 from vlmlab.config import EngineSpec
 from vlmlab.engines import ENGINES, GenerationRequest, complete, load_engine
-from vlmlab.engines.mlx_translate import (
+from vlmlab.engines.mlx.translate import (
     INSTALL_HINT,
     NOT_APPLE_HINT,
     StepFigures,
@@ -66,7 +66,7 @@ def photo(w: int = 64, h: int = 48, colour: str = "red") -> ImagePart:
 
 def test_registered_and_importable_without_mlx() -> None:
     assert ENGINES.canonical("mlx") == ENGINES.canonical("mlx-vlm") == "mlx"
-    code = "import sys, vlmlab.engines.mlx; print(sorted(m for m in ('mlx', 'mlx_vlm', 'torch') if m in sys.modules))"
+    code = "import sys, vlmlab.engines.mlx.engine; print(sorted(m for m in ('mlx', 'mlx_vlm', 'torch') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
@@ -194,8 +194,8 @@ def test_mlx_vlm_prepares_nano_as_the_hf_engine_counts_it() -> None:
 
     from transformers import AutoProcessor
 
-    from vlmlab.engines.mlx import MLXEngine
-    from vlmlab.engines.mlx_translate import MLXCheckpoint
+    from vlmlab.engines.mlx.engine import MLXEngine
+    from vlmlab.engines.mlx.translate import MLXCheckpoint
     from vlmlab.nano import checkpoint_path
 
     path = checkpoint_path()

@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from vlmlab.config import EngineSpec, ServerSettings
 from vlmlab.engines import GenerationRequest, load_engine
-from vlmlab.engines.remote import RemoteEngine
+from vlmlab.engines.remote.engine import RemoteEngine
 from vlmlab.media import MediaPolicy, load_image
 from vlmlab.protocol.core import Chat, GenerationChunk, GenerationResult, ImagePart, SamplingParams
 from vlmlab.protocol.errors import (
@@ -551,7 +551,7 @@ def test_usage_under_other_names_or_missing(faults, engines) -> None:
 def test_settings_urls_keys_and_retry_after(monkeypatch: pytest.MonkeyPatch) -> None:
     from email.utils import formatdate
 
-    from vlmlab.engines.remote_wire import default_api_key, normalize_base_url, retry_after_s
+    from vlmlab.engines.remote.wire import default_api_key, normalize_base_url, retry_after_s
 
     assert normalize_base_url("http://gpu:8000/") == "http://gpu:8000/v1"
     assert normalize_base_url("https://api.mistral.ai/v1") == "https://api.mistral.ai/v1"

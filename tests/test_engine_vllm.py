@@ -26,8 +26,9 @@ from PIL import Image
 
 from vlmlab.config import PRESET_DIR, EngineSpec
 from vlmlab.engines import ENGINES, GenerationRequest, complete, load_engine
-from vlmlab.engines.vllm import cuda_available
-from vlmlab.engines.vllm_translate import (
+from vlmlab.engines.sources import resolve_model
+from vlmlab.engines.vllm.engine import cuda_available
+from vlmlab.engines.vllm.translate import (
     INSTALL_HINT,
     NO_GPU_HINT,
     PRESETS,
@@ -47,12 +48,11 @@ from vlmlab.engines.vllm_translate import (
     rule_image_tokens,
     rule_options,
     sampling_kwargs,
+    stats_timings,
     structured_outputs_kwargs,
     token_logprobs,
-    stats_timings,
     unavailable_reason,
 )
-from vlmlab.engines.sources import resolve_model
 from vlmlab.families import get_family
 from vlmlab.nano import checkpoint_path
 from vlmlab.protocol.core import (
@@ -96,7 +96,7 @@ def photo(w: int = 64, h: int = 48, colour: str = "red") -> ImagePart:
 def test_registered_and_importable_without_vllm_or_torch() -> None:
     assert ENGINES.canonical("vllm") == "vllm"
     code = (
-        "import sys, vlmlab.engines.vllm, vlmlab.engines.vllm_translate; "
+        "import sys, vlmlab.engines.vllm.engine, vlmlab.engines.vllm.translate; "
         "print(sorted(m for m in ('vllm', 'torch') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
@@ -373,7 +373,7 @@ def test_vllm_renders_nano_as_the_hf_engine_counts_it() -> None:
     from vllm.config import DeviceConfig, VllmConfig
     from vllm.renderers.registry import renderer_from_config
 
-    from vlmlab.engines.vllm import VLLMEngine, _LoopThread
+    from vlmlab.engines.vllm.engine import VLLMEngine, _LoopThread
 
     fields = [f.name for f in dataclasses.fields(AsyncEngineArgs)]
     for hub_id, preset in PRESETS.items():  # every preset speaks vLLM's argument names

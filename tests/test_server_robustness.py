@@ -311,7 +311,7 @@ def test_the_token_bound_never_overestimates(nano_tokenizer) -> None:
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from vlmlab.engines.hf_prompt import token_span_bound
+    from vlmlab.engines.hf.prompt import token_span_bound
 
     bound = token_span_bound(nano_tokenizer)
     assert bound and bound == max(len(t) for t in nano_tokenizer.get_vocab())

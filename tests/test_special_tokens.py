@@ -36,7 +36,7 @@ from test_engine_archs import (  # noqa: E402
 )
 from vlmlab.config import ServerSettings  # noqa: E402
 from vlmlab.engines import EngineSpec, GenerationRequest, complete, load_engine  # noqa: E402
-from vlmlab.engines.hf_prompt import MARK_END, MARK_START  # noqa: E402
+from vlmlab.engines.hf.prompt import MARK_END, MARK_START  # noqa: E402
 from vlmlab.families import get_family  # noqa: E402
 from vlmlab.protocol.core import Chat, Message, SamplingParams, TextPart  # noqa: E402
 
@@ -227,7 +227,7 @@ def test_whitespace_a_control_token_takes_is_taken_from_a_run_of_text_too() -> N
     a run of user text tokenized on its own loses it just as it would in the whole prompt."""
     from tokenizers import AddedToken
 
-    from vlmlab.engines.hf_prompt import PromptEncoder
+    from vlmlab.engines.hf.prompt import PromptEncoder
 
     tokenizer = build_tokenizer(["<s>"])
     tokenizer.add_special_tokens({"additional_special_tokens": [

@@ -1,4 +1,4 @@
-"""Structured outputs on the hf engine (engines/hf_structured.py): real xgrammar grammars over
+"""Structured outputs on the hf engine (engines/hf/structured.py): real xgrammar grammars over
 nano's real tokenizer, driven token by token as the engine drives them."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("xgrammar")
 transformers = pytest.importorskip("transformers")
 
-from vlmlab.engines.hf_structured import Grammars, TokenConstraint, choice_grammar, mask_rows
+from vlmlab.engines.hf.structured import Grammars, TokenConstraint, choice_grammar, mask_rows
 from vlmlab.nano import checkpoint_path
 from vlmlab.protocol.core import StructuredOutput
 from vlmlab.protocol.errors import BadRequestError, ConfigError

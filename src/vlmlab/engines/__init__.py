@@ -19,10 +19,10 @@ from vlmlab.protocol.errors import ConfigError
 from vlmlab.registry import Registry
 
 ENGINES: Registry[type[Engine]] = Registry("engine")
-ENGINES.register("hf", "vlmlab.engines.hf:HFEngine", aliases=("transformers",))
-ENGINES.register("remote", "vlmlab.engines.remote:RemoteEngine", aliases=("openai", "openai-compatible"))
-ENGINES.register("vllm", "vlmlab.engines.vllm:VLLMEngine")
-ENGINES.register("mlx", "vlmlab.engines.mlx:MLXEngine", aliases=("mlx-vlm",))
+ENGINES.register("hf", "vlmlab.engines.hf.engine:HFEngine", aliases=("transformers",))
+ENGINES.register("remote", "vlmlab.engines.remote.engine:RemoteEngine", aliases=("openai", "openai-compatible"))
+ENGINES.register("vllm", "vlmlab.engines.vllm.engine:VLLMEngine")
+ENGINES.register("mlx", "vlmlab.engines.mlx.engine:MLXEngine", aliases=("mlx-vlm",))
 
 
 def load_engine(spec: EngineSpec) -> Engine:

@@ -36,7 +36,7 @@ ANSWER_MAX_CHARS = 64  # a short answer; longer ones are cut by the grammar, not
 # characters, so at most 13 tokens even for a character-level tokenizer, plus escapes).
 JSON_OVERHEAD_TOKENS = 16
 # OpenAI's field: the one OpenAI, Mistral, vLLM and vlmlab servers all take, so the remote
-# engine forwards the schema to any of them (vlmlab.engines.remote_wire.structured_fields).
+# engine forwards the schema to any of them (vlmlab.engines.remote.wire.structured_fields).
 PARAM = "response_format"
 ANY_DATASET = "*"
 

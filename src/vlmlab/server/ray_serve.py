@@ -419,6 +419,19 @@ def replica_options(settings: ServerSettings) -> dict[str, Any]:
     }
 
 
+def replica_settings(settings: ServerSettings) -> ServerSettings:
+    """``settings`` as a replica with ``ray.num_cpus`` CPUs loads them (a one-CPU hf replica
+    decodes without the prefill thread meant for a second core: ``worker_spec``)."""
+    from dataclasses import replace
+
+    from vlmlab.engines.ray_pool import worker_spec
+
+    cpus = (settings.ray or RaySettings()).num_cpus
+    engines = tuple(worker_spec(spec, cpus) for spec in settings.engines)
+    models = tuple(replace(m, engines=tuple(worker_spec(spec, cpus) for spec in m.engines)) for m in settings.models)
+    return replace(settings, engines=engines, models=models)
+
+
 def replica_deployment(settings: ServerSettings) -> Any:
     """The replicas' deployment (:func:`replica_options`), bound to ``settings``."""
     _, serve = ray_modules()
@@ -426,7 +439,7 @@ def replica_deployment(settings: ServerSettings) -> Any:
 
     options = replica_options(settings)
     options["request_router_config"] = RequestRouterConfig(**options["request_router_config"])
-    return serve.deployment(Replica, **options).bind(settings)
+    return serve.deployment(Replica, **options).bind(replica_settings(settings))
 
 
 class FrontDeployment:

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
-from vlmlab.engines.hf_preprocess import pad_cat, token_aligned
-from vlmlab.engines.hf_logits import TokenPieces, process_row, token_logprob
+from vlmlab.engines.hf.logits import TokenPieces, process_row, token_logprob
+from vlmlab.engines.hf.preprocess import pad_cat, token_aligned
 from vlmlab.protocol.core import FinishReason, GenerationChunk, SamplingParams, TokenLogprob
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class Job:
     finish_reason: FinishReason | None = None
     generator: torch.Generator | None = None
     image_features: list[torch.Tensor] | None = None  # encoded ahead: one tensor per image
-    constraint: Any = None  # structured outputs: a hf_structured.TokenConstraint
+    constraint: Any = None  # structured outputs: a structured.TokenConstraint
     prompt_ids: torch.Tensor | None = None  # distinct prompt ids (repetition_penalty), lazily
     step_logprobs: torch.Tensor | None = None  # this step's processed log probabilities
     logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked for
@@ -165,7 +165,7 @@ class RowSampler(LogitsProcessor):
                 process_row(job, scores[row], self.eos_ids)
         constraints = [job.constraint if job.finish_reason is None else None for job in self.jobs]
         if any(c is not None for c in constraints):  # structured outputs: one mask for the batch
-            from vlmlab.engines.hf_structured import mask_rows
+            from vlmlab.engines.hf.structured import mask_rows
 
             mask_rows(scores, constraints)
         for row, job in enumerate(self.jobs):

@@ -27,7 +27,7 @@ import torch
 from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from vlmlab.engines.hf_batching import Job, RowSampler, RowTracker, batched_emits, start_batch
+from vlmlab.engines.hf.batching import Job, RowSampler, RowTracker, batched_emits, start_batch
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class ContinuousDecoder:
         self.last: torch.Tensor | None = None  # [B] last sampled token
         self.aborted = 0
         self.max_len = 1 << 30
-        self.pieces: Any = None  # hf_logits.TokenPieces, for logprobs (set by the engine)
+        self.pieces: Any = None  # logits.TokenPieces, for logprobs (set by the engine)
 
     @property
     def active(self) -> int:

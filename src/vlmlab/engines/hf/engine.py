@@ -1,6 +1,6 @@
 """The transformers engine: any HF VLM checkpoint (and remote-code models behind a flag).
 
-The model's own processor and chat template build the prompt; :mod:`vlmlab.engines.hf_batching`
+The model's own processor and chat template build the prompt; :mod:`vlmlab.engines.hf.batching`
 decodes concurrent requests together. Image tokens come from the family rule and are checked
 against the processor's real expansion for each request.
 """
@@ -29,10 +29,15 @@ from vlmlab.engines.base import (
     GenerationRequest,
     PromptCount,
 )
-from vlmlab.engines.hf_preprocess import RequestPreprocessor
-from vlmlab.engines.hf_prompt import PromptEncoder, fast_decode, to_hf_messages, token_span_bound
+from vlmlab.engines.hf.preprocess import RequestPreprocessor
+from vlmlab.engines.hf.prompt import PromptEncoder, fast_decode, to_hf_messages, token_span_bound
 from vlmlab.engines.quantization import hf_quantization
-from vlmlab.engines.sources import check_nano_transformers, hub_load_plan, known_model_names, resolve_model
+from vlmlab.engines.sources import (
+    check_nano_transformers,
+    hub_load_plan,
+    known_model_names,
+    resolve_model,
+)
 from vlmlab.families import Family, get_family
 from vlmlab.hub import did_you_mean
 from vlmlab.protocol.core import (
@@ -98,8 +103,8 @@ class HFEngine(Engine):
     capabilities = Capabilities(streaming=True, batching=True, max_images=8, features=FEATURES)
 
     def __init__(self, spec: EngineSpec, model: Any, processor: Any, family: Family | None, model_id: str, device: str, dtype: str, load_s: float):
-        from vlmlab.engines.hf_batching import Batcher
-        from vlmlab.engines.hf_logits import TokenPieces
+        from vlmlab.engines.hf.batching import Batcher
+        from vlmlab.engines.hf.logits import TokenPieces
 
         self.spec = spec
         self.model = model
@@ -118,7 +123,7 @@ class HFEngine(Engine):
         self.max_token_chars = token_span_bound(self.tokenizer)
         self.decode_ids = fast_decode(self.tokenizer)  # built once: every decode step detokenizes
         self.pieces = TokenPieces(self.tokenizer)  # token text and bytes, for logprobs
-        self._grammars: Any = None  # hf_structured.Grammars, made on the first structured request
+        self._grammars: Any = None  # structured.Grammars, made on the first structured request
         self._grammars_lock = threading.Lock()
         self.expansion_mismatches = 0
         self.preprocess_cache: LRUCache[Any] = LRUCache(
@@ -143,7 +148,7 @@ class HFEngine(Engine):
             logger.warning("%s: using the model's own processor for images (%s)", model_id, problem)
         decoder = None
         if spec.extra.get("continuous_batching", True):
-            from vlmlab.engines.hf_continuous import ContinuousDecoder, supports_continuous
+            from vlmlab.engines.hf.continuous import ContinuousDecoder, supports_continuous
 
             if supports_continuous(model):
                 decoder = ContinuousDecoder(
@@ -166,7 +171,7 @@ class HFEngine(Engine):
             self.continuous and getattr(model.config, "model_type", "") == "llava" and spec.extra.get("encode_ahead", True)
         )
         self.batcher = Batcher(self._run_batch, spec.max_batch_size, decoder=decoder)
-        self.replicas: list[Any] = []  # data-parallel copies in other processes (hf_replicas)
+        self.replicas: list[Any] = []  # data-parallel copies in other processes (replicas.py)
         self.local_load = 0  # requests decoding in this process
         self.local_submitted = 0
 
@@ -175,7 +180,7 @@ class HFEngine(Engine):
     @classmethod
     def load(cls, spec: EngineSpec, *, replica: bool = False) -> HFEngine:
         """Load the model; with ``spec.data_parallel_size`` > 1 also start that many minus one
-        replica processes (:mod:`vlmlab.engines.hf_replicas`), which load meanwhile.
+        replica processes (:mod:`vlmlab.engines.hf.replicas`), which load meanwhile.
         ``replica``: this is one of them."""
         start = time.perf_counter()
         source, hint = resolve_model(spec.model, variant="hf")
@@ -206,11 +211,11 @@ class HFEngine(Engine):
         device = cls._pick_device(spec.device)
         replicas: list[Any] = []
         if spec.data_parallel_size > 1 and not replica:
-            from vlmlab.engines.hf_replicas import start_replicas
+            from vlmlab.engines.hf.replicas import start_replicas
 
             if device != "cpu":
                 logger.warning("--data-parallel-size %d on %s: every replica uses the same device", spec.data_parallel_size, device)
-            replicas = start_replicas(spec, spec.data_parallel_size - 1)
+            replicas = start_replicas(spec, spec.data_parallel_size - 1, load_replica)
         try:
             dtype = {"auto": "bf16" if device.startswith("cuda") else "fp32"}.get(spec.dtype, spec.dtype)
             torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
@@ -247,7 +252,7 @@ class HFEngine(Engine):
                 started.close()
             raise
         if replicas:
-            from vlmlab.engines.hf_replicas import await_replicas
+            from vlmlab.engines.hf.replicas import await_replicas
 
             engine.replicas = await_replicas(replicas)
             engine.load_s = time.perf_counter() - start
@@ -297,7 +302,7 @@ class HFEngine(Engine):
         return token if family.image_placeholder not in probe and token in probe else family.image_placeholder
 
     def _prompt_encoder(self, processor: Any, family: Family | None) -> PromptEncoder:
-        """User text as text (:mod:`vlmlab.engines.hf_prompt`). Controls: the tokenizer's special
+        """User text as text (:mod:`vlmlab.engines.hf.prompt`). Controls: the tokenizer's special
         tokens and the strings this template may write for an image (the family's placeholder,
         or the processor's image token, see _template_placeholder)."""
         # The processor's own tokens (image, video, break, ...) are never a stand-in for text.
@@ -309,7 +314,7 @@ class HFEngine(Engine):
 
     def render(self, chat: Chat) -> str:
         """The prompt as the chat template writes it, with each control string from the chat's
-        text wrapped in markers (:mod:`vlmlab.engines.hf_prompt`); text without one, as it is."""
+        text wrapped in markers (:mod:`vlmlab.engines.hf.prompt`); text without one, as it is."""
         template_owner = self.processor if getattr(self.processor, "chat_template", None) else self.tokenizer
         kwargs: dict[str, Any] = {}
         if chat.tools or any(m.role == "tool" or m.tool_calls for m in chat.messages):
@@ -373,7 +378,7 @@ class HFEngine(Engine):
         return prompt, self.count_prompt_tokens(request.chat, request.processor_options, prompt)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk | GenerationResult]:
-        from vlmlab.engines.hf_batching import Job
+        from vlmlab.engines.hf.batching import Job
 
         start = time.perf_counter()
         chat, sampling = request.chat, request.sampling
@@ -492,7 +497,7 @@ class HFEngine(Engine):
     def _compile(self, structured: StructuredOutput) -> Any:
         with self._grammars_lock:
             if self._grammars is None:
-                from vlmlab.engines.hf_structured import Grammars
+                from vlmlab.engines.hf.structured import Grammars
 
                 self._grammars = Grammars(self.tokenizer, self.vocab_size, stop_token_ids=sorted(self.eos_ids))
         return self._grammars.compile(structured)
@@ -564,7 +569,7 @@ class HFEngine(Engine):
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        from vlmlab.engines.hf_batching import RowSampler, RowTracker, start_batch
+        from vlmlab.engines.hf.batching import RowSampler, RowTracker, start_batch
 
         batch = start_batch(jobs, self.pad_id, self.device, self.model.dtype)
         longest = max(j.sampling.max_tokens for j in jobs)
@@ -638,3 +643,10 @@ class HFEngine(Engine):
         for replica in self.replicas:
             replica.close()
         self.batcher.close()
+
+
+def load_replica(spec: EngineSpec) -> HFEngine:
+    """A data-parallel replica's copy of the model, loaded in the replica process. Handed to
+    :func:`~vlmlab.engines.hf.replicas.start_replicas` rather than imported there: the engine
+    imports the replicas module, so it must not import the engine back."""
+    return HFEngine.load(spec, replica=True)

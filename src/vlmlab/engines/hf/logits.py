@@ -4,7 +4,7 @@
 negative one multiplied), ``frequency_penalty`` and ``presence_penalty`` (OpenAI's: the logit
 minus ``count * frequency + (count > 0) * presence`` over output tokens), ``min_tokens`` (no
 end-of-sequence yet), then the structured-output constraint's mask (one bitmask for the
-batch, :func:`vlmlab.engines.hf_structured.mask_rows`). Log probabilities are taken
+batch, :func:`vlmlab.engines.hf.structured.mask_rows`). Log probabilities are taken
 from the processed row, before temperature, top-k and top-p, so a greedy answer's tokens are
 their rows' most likely ones.
 """
@@ -45,7 +45,7 @@ def process_row(job: Any, row: torch.Tensor, eos_ids: Sequence[int]) -> None:
         row -= counts * params.frequency_penalty + (counts > 0).to(row.dtype) * params.presence_penalty
     if params.min_tokens and len(generated) < params.min_tokens and eos_ids:
         row[torch.tensor(list(eos_ids), device=row.device)] = float("-inf")
-    # the constraint's mask comes next, for the whole batch at once (hf_structured.mask_rows)
+    # the constraint's mask comes next, for the whole batch at once (structured.mask_rows)
 
 
 class TokenPieces:

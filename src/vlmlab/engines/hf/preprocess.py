@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from vlmlab.cache import LRUCache, content_key
-from vlmlab.engines.hf_prompt import PromptEncoder
+from vlmlab.engines.hf.prompt import PromptEncoder
 from vlmlab.families import Family
 from vlmlab.protocol.core import ImageData
 from vlmlab.protocol.errors import BadRequestError, EngineError
@@ -95,7 +95,7 @@ class RequestPreprocessor:
     ):  # fmt: skip
         """``own_images``: process images with :mod:`vlmlab.preprocess` (proven equal to the HF
         processor, faster) where the family can expand its placeholder itself. ``prompts``: how
-        prompts (user text marked in them, :mod:`vlmlab.engines.hf_prompt`) become ids."""
+        prompts (user text marked in them, :mod:`vlmlab.engines.hf.prompt`) become ids."""
         self.own_images = bool(own_images and family is not None and family.expand_placeholder is not None)
         # Families whose images change when they share a prompt (LLaVA-OneVision: base view only)
         # say so with a ``multi_image`` option; vlmlab.preprocess makes that variant too.
@@ -210,7 +210,7 @@ class RequestPreprocessor:
     def _spliced(self, prompt: str, images: Sequence[ImageData], options: Mapping[str, Any], mode: str = "exact") -> Prepared:
         assert self.family is not None
         placeholder = self.placeholder
-        # The template's placeholders only: one in the user's text is text (hf_prompt).
+        # The template's placeholders only: one in the user's text is text (prompt.py).
         pieces = self.prompts.encode_between(prompt, placeholder)
         if len(pieces) != len(images) + 1:
             raise EngineError(

@@ -15,7 +15,7 @@ text instead, as mistral_common does (vLLM's mistral tokenizer mode) for each me
 
 Tokenizers split their input at special tokens before anything else, so cutting a prompt there
 changes no id; only the runs with marked strings are tokenized differently, which is the point.
-The placeholder count check (:mod:`vlmlab.engines.hf_preprocess`) sees the template's
+The placeholder count check (:mod:`vlmlab.engines.hf.preprocess`) sees the template's
 placeholders only. transformers 5.25's ``apply_chat_template(..., sanitize_control_tokens=True)``
 marks text the same way, but vlmlab supports older releases and builds its ids itself (spliced
 images, processors fed stand-ins), so it does not depend on it.
@@ -249,7 +249,7 @@ def fast_decode(tokenizer: Any) -> Callable[[list[int]], str]:
 
 def to_hf_messages(chat: Chat, mark: Callable[[str], str] | None = None) -> list[dict[str, Any]]:
     """Core chat -> the list-of-parts messages that processors' chat templates accept; ``mark``
-    (:meth:`~vlmlab.engines.hf_prompt.PromptEncoder.mark`) applied to each text."""
+    (:meth:`~vlmlab.engines.hf.prompt.PromptEncoder.mark`) applied to each text."""
     out = []
     for message in chat.messages:
         parts = [

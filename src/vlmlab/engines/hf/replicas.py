@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from vlmlab.engines.hf_batching import Job, batched_emits
+from vlmlab.engines.hf.batching import Job, batched_emits
 from vlmlab.protocol.errors import EngineError
 
 if TYPE_CHECKING:
@@ -95,15 +95,16 @@ class _RowQueue:
         self.outbox.items.append((self.rid, item, fields))
 
 
-def replica_main(spec: EngineSpec, conn: Any) -> None:
-    """A replica process: load the model, then decode the jobs the serving process sends."""
-    from vlmlab.engines.hf import HFEngine
+def replica_main(load: Callable[[EngineSpec], Any], spec: EngineSpec, conn: Any) -> None:
+    """A replica process: load the model with ``load`` (the engine's own loader, passed in so
+    that this module does not import the engine, which imports it), then decode the jobs the
+    serving process sends."""
     from vlmlab.preprocess.pool import exit_with_parent
 
     exit_with_parent()
 
     try:
-        engine = HFEngine.load(spec, replica=True)
+        engine = load(spec)
     except BaseException as exc:  # noqa: BLE001 - reported to the serving process
         _send(conn, ("failed", f"{type(exc).__name__}: {exc}"))
         return
@@ -141,11 +142,12 @@ def replica_main(spec: EngineSpec, conn: Any) -> None:
 class Replica:
     """One replica process, seen from the serving process."""
 
-    def __init__(self, index: int, spec: EngineSpec):
+    def __init__(self, index: int, spec: EngineSpec, load: Callable[[EngineSpec], Any]):
         context = multiprocessing.get_context("spawn")  # never fork a process that holds threads
         self.index = index
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=replica_main, args=(spec, child), name=f"vlmlab-replica-{index}", daemon=True)
+        # spawn pickles ``load`` by name: it must be a module-level function
+        self.process = context.Process(target=replica_main, args=(load, spec, child), name=f"vlmlab-replica-{index}", daemon=True)
         self.process.start()
         child.close()
         self.jobs: dict[int, Job] = {}
@@ -250,9 +252,10 @@ class Replica:
         self.conn.close()
 
 
-def start_replicas(spec: EngineSpec, count: int) -> list[Replica]:
-    """Start ``count`` replica processes (they load while the serving process loads its copy)."""
-    return [Replica(i + 1, spec) for i in range(count)]
+def start_replicas(spec: EngineSpec, count: int, load: Callable[[EngineSpec], Any]) -> list[Replica]:
+    """Start ``count`` replica processes, each loading its copy with ``load`` (a module-level
+    function) while the serving process loads its own."""
+    return [Replica(i + 1, spec, load) for i in range(count)]
 
 
 def await_replicas(replicas: list[Replica], timeout_s: float = 600.0) -> list[Replica]:

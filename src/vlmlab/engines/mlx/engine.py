@@ -30,7 +30,7 @@ from typing import Any
 
 from vlmlab.config import EngineSpec
 from vlmlab.engines.base import Capabilities, Engine, EngineInfo, GenerationRequest, PromptCount
-from vlmlab.engines.mlx_translate import (
+from vlmlab.engines.mlx.translate import (
     MLXCheckpoint,
     StepFigures,
     StopText,

@@ -18,7 +18,7 @@ Usage::
     vlmlab chat "Describe it" -i cat.jpg --engine remote --model pixtral-12b-2409 \\
         --base-url https://api.mistral.ai/v1          # key from MISTRAL_API_KEY
 
-Settings come from ``EngineSpec.extra`` (see :class:`~vlmlab.engines.remote_wire.RemoteSettings`).
+Settings come from ``EngineSpec.extra`` (see :class:`~vlmlab.engines.remote.wire.RemoteSettings`).
 Prompt token counts are exact when the remote is a vlmlab server (its ``/tokenize``), otherwise
 estimated with the family's image-token rule (``capabilities.exact_token_counts`` says which).
 """
@@ -48,11 +48,11 @@ from vlmlab.engines.base import (
     GenerationRequest,
     PromptCount,
 )
-from vlmlab.engines.remote_wire import (
+from vlmlab.engines.images import encode_image
+from vlmlab.engines.remote.wire import (
     RemoteSettings,
     RemoteUsage,
     ToolCallBuffer,
-    encode_image,
     estimate_prompt_tokens,
     image_needs_encoding,
     openai_messages,

@@ -2,14 +2,12 @@
 
 Pure functions over the OpenAI chat-completions protocol as the servers vlmlab talks to speak it
 (vLLM, SGLang, Ollama, LM Studio, mlx-vlm, Mistral's and OpenAI's APIs, vlmlab itself), kept apart
-from :mod:`vlmlab.engines.remote` so the engine holds only connection and retry logic.
+from :mod:`vlmlab.engines.remote.engine` so the engine holds only connection and retry logic.
 """
 
 from __future__ import annotations
 
-import base64
 import email.utils
-import io
 import json
 import logging
 import math
@@ -53,10 +51,6 @@ logger = logging.getLogger(__name__)
 
 SendImagesAs = Literal["url", "data_url"]
 
-# Re-encoded images above this size are sent as JPEG instead of PNG: 20 MB is OpenAI's documented
-# per-image limit ("Images are supported up to 20MB", platform.openai.com vision guide) and
-# vLLM's / vlmlab's default max image bytes.
-MAX_PNG_BYTES = 20 * 2**20
 # "One token generally corresponds to ~4 characters of text for common English text"
 # (OpenAI help center, "What are tokens and how to count them?"): the estimate for text tokens
 # when the remote cannot count them for us.
@@ -192,31 +186,9 @@ def image_needs_encoding(part: ImagePart, send_as: SendImagesAs) -> bool:
     return not (ref.startswith("data:image/") or (send_as == "url" and ref.startswith(("http://", "https://"))))
 
 
-def encode_image(part: ImagePart) -> str:
-    """A data URL of the decoded image: lossless PNG (the remote sees exactly the pixels a local
-    engine would, EXIF rotation already applied), or JPEG quality 95 when the PNG would exceed
-    :data:`MAX_PNG_BYTES`.
-
-    Raises:
-        BadRequestError: the part holds no decoded pixels.
-    """
-    data = part.data
-    if data is None or data.image is None:
-        raise BadRequestError(f"image {short_ref(part.ref or '')!r} has no decoded pixels to send to the remote server")
-    buffer = io.BytesIO()
-    # compress_level 1: several times faster than the default 6 for ~10-30 % more bytes.
-    data.image.save(buffer, "PNG", compress_level=1)
-    mime = "image/png"
-    if buffer.tell() > MAX_PNG_BYTES:
-        buffer = io.BytesIO()
-        data.image.convert("RGB").save(buffer, "JPEG", quality=95)
-        mime = "image/jpeg"
-    return f"data:{mime};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
-
-
 def image_url(part: ImagePart, send_as: SendImagesAs, encoded: Mapping[str, str]) -> str:
     """What goes into ``image_url.url``: a data URL as the user sent it (original bytes), an
-    http(s) URL when forwarding URLs, else ``encoded[sha256]`` (from :func:`encode_image`)."""
+    http(s) URL when forwarding URLs, else ``encoded[sha256]`` (from :func:`vlmlab.engines.images.encode_image`)."""
     if not image_needs_encoding(part, send_as):
         return part.ref or ""
     assert part.data is not None  # GenerationRequest checks every image is loaded

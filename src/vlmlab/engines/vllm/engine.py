@@ -20,7 +20,7 @@ The seed scripts, one command each::
     vlmlab serve --config pixtral-12b                      # vllm, falling back to hf
     vlmlab serve --engine vllm --model Qwen/Qwen2-VL-7B-Instruct --quantization fp8
 
-Known checkpoint traps are data in :data:`vlmlab.engines.vllm_translate.PRESETS` (Pixtral's
+Known checkpoint traps are data in :data:`vlmlab.engines.vllm.translate.PRESETS` (Pixtral's
 native ``mistral`` tokenizer / config / weight formats, Phi-3.5-vision's remote code and
 ``num_crops``, ``limit_mm_per_prompt``, ``max_model_len``); ``extra`` carries any other vLLM
 engine argument (``gpu_memory_utilization``, ``enforce_eager``...). Prompt tokens come from
@@ -44,9 +44,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlmlab.config import EngineSpec
-from vlmlab.engines.base import FEATURES, Capabilities, Engine, EngineInfo, GenerationRequest, PromptCount
+from vlmlab.engines.base import (
+    FEATURES,
+    Capabilities,
+    Engine,
+    EngineInfo,
+    GenerationRequest,
+    PromptCount,
+)
 from vlmlab.engines.sources import hub_load_plan, resolve_model
-from vlmlab.engines.vllm_translate import (
+from vlmlab.engines.vllm.translate import (
     TextDelta,
     VLLMSettings,
     chat_messages,
@@ -65,9 +72,9 @@ from vlmlab.engines.vllm_translate import (
     rule_image_tokens,
     rule_options,
     sampling_kwargs,
+    stats_timings,
     structured_outputs_kwargs,
     token_logprobs,
-    stats_timings,
     unavailable_reason,
 )
 from vlmlab.families import Family

@@ -4,7 +4,7 @@ Nothing here imports vLLM or torch, so every mapping is tested on any machine: t
 checkpoint traps as data (:data:`PRESETS`), engine arguments from an :class:`EngineSpec`, chat
 messages in the OpenAI form ``LLM.chat`` / the renderer accept, sampling parameters, streamed text
 deltas from cumulative outputs, finish reasons, usage and vLLM's exceptions.
-:mod:`vlmlab.engines.vllm` holds the parts that need vLLM itself.
+:mod:`vlmlab.engines.vllm.engine` holds the parts that need vLLM itself.
 
 References (vLLM 0.33): ``vllm/entrypoints/llm.py`` (``LLM.chat``), ``vllm/entrypoints/common/
 offline.py`` (``_preprocess_chat``), ``vllm/renderers/base.py`` (``render_chat_async``),
@@ -21,10 +21,18 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from vlmlab.config import EngineSpec
+from vlmlab.engines.images import encode_image
 from vlmlab.engines.quantization import spec_quantization, vllm_quantization
-from vlmlab.engines.remote_wire import encode_image
 from vlmlab.families import Family, get_family
-from vlmlab.protocol.core import Chat, FinishReason, ImagePart, SamplingParams, StructuredOutput, TextPart, TokenLogprob
+from vlmlab.protocol.core import (
+    Chat,
+    FinishReason,
+    ImagePart,
+    SamplingParams,
+    StructuredOutput,
+    TextPart,
+    TokenLogprob,
+)
 from vlmlab.protocol.errors import (
     BadRequestError,
     ConfigError,
