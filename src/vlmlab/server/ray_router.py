@@ -3,10 +3,14 @@
 Each replica keeps its own preprocessing and vision-encoder caches, so an image's second request
 is cheap only on the replica that answered its first. The front (``vlmlab.server.ray_serve``)
 passes each request's image keys (hashes of its image URLs or data URLs) as the ``images``
-keyword; this router sends a request to the replica that last answered one of its images, unless
-that replica has more than ``imbalance`` requests in flight above the least busy one. Requests
-with no known image (and ``mode="default"``) take Ray Serve's own procedure: two random
-replicas, the one with the shorter queue (the base class probes the queues).
+keyword. This router remembers which replicas answered each image (its holders) and sends a
+request to the least busy holder of its image, unless that one has more than ``imbalance``
+requests in flight above the least busy replica: then the least busy replica takes it and
+becomes a holder too (a hot image ends up on several replicas instead of bouncing between them).
+A new image goes to the less busy of two random replicas, decided at once so that its next
+requests follow it even while this one is being sent. In-flight counts are this router's own.
+Requests without images (and every request with ``mode="default"``) take Ray Serve's own
+procedure: two random replicas, the one with the shorter queue (the base class probes them).
 
 The ``replica`` keyword sends a request to one named replica (the front's fan-out for ``/stats``
 and ``/metrics``). Routers run in the process holding the deployment handle, so that process's
@@ -33,7 +37,7 @@ from ray.serve.request_router import (
 
 # application name -> the router of its replicas' deployment handle in this process.
 ROUTERS: dict[str, ImageAffinityRouter] = {}
-# Image keys remembered (each maps to the replica that last saw it); the oldest go first.
+# Image keys remembered (each maps to the replicas that answered it); the oldest go first.
 MAX_KEYS = 65536
 
 
@@ -44,7 +48,7 @@ class ImageAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRoute
     def initialize_state(self, mode: str = "affinity", imbalance: int = 4, **kwargs: Any) -> None:
         self.mode = mode
         self.imbalance = imbalance
-        self.owners: OrderedDict[str, ReplicaID] = OrderedDict()
+        self.owners: OrderedDict[str, list[ReplicaID]] = OrderedDict()  # image key -> replicas holding it
         self.in_flight: dict[ReplicaID, int] = {}
         # affinity: routed to the replica holding an image; moved: the holder was too busy;
         # spread: no image seen before (or none at all, or the default mode).
@@ -85,29 +89,34 @@ class ImageAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRoute
         if target:  # fan-out: that replica or none (a dead one's request fails, not moves)
             return [[r for r in candidate_replicas if r.replica_id.unique_id == target]]
         keys = kwargs.get("images") or ()
-        if self.mode == "affinity" and keys:
-            owner = self._owner(keys, candidate_replicas)
-            if owner is not None:
-                least = min(self.in_flight.get(r.replica_id, 0) for r in candidate_replicas)
-                if self.in_flight.get(owner.replica_id, 0) - least <= self.imbalance:
-                    pending_request.routing_context.vlmlab_route = "affinity"  # type: ignore[union-attr]
-                    return [[owner], self._two(candidate_replicas)]
-                pending_request.routing_context.vlmlab_route = "moved"  # type: ignore[union-attr]
-        return [self._two(candidate_replicas)]
+        if self.mode != "affinity" or not keys:
+            return [self._two(candidate_replicas)]  # Ray Serve's own procedure
+        load = {r.replica_id: self.in_flight.get(r.replica_id, 0) for r in candidate_replicas}
+        least = min(load.values())
+        holders = [r for r in candidate_replicas if r.replica_id in self._holders(keys)]
+        if holders:
+            best = min(holders, key=lambda r: load[r.replica_id])
+            if load[best.replica_id] - least <= self.imbalance:
+                route, chosen = "affinity", best
+            else:  # the holders are too busy: the least busy replica takes it (and holds it next)
+                route, chosen = "moved", min(candidate_replicas, key=lambda r: load[r.replica_id])
+        else:  # a new image: power of two choices on the requests in flight, decided here so
+            # that its next requests, even those routed before this one is sent, follow it
+            route, chosen = "spread", min(self._two(candidate_replicas), key=lambda r: load[r.replica_id])
+            for key in keys:
+                self._hold(key, chosen.replica_id)
+        pending_request.routing_context.vlmlab_route = (route, chosen.replica_id)  # type: ignore[union-attr]
+        others = sorted((r for r in candidate_replicas if r is not chosen), key=lambda r: load[r.replica_id])
+        return [[chosen], others] if others else [[chosen]]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         self.in_flight[replica_id] = self.in_flight.get(replica_id, 0) + 1
         if pending_request.kwargs.get("replica"):
             return  # a fan-out call is not a routing decision
-        route = getattr(pending_request.routing_context, "vlmlab_route", "spread")
-        if route == "affinity" and self._owner(pending_request.kwargs.get("images") or (), None) != replica_id:
-            route = "moved"  # the holder was full, a second choice took it
-        self.counts[route] += 1
+        route, chosen = getattr(pending_request.routing_context, "vlmlab_route", ("spread", replica_id))
+        self.counts["moved" if route == "affinity" and chosen != replica_id else route] += 1
         for key in pending_request.kwargs.get("images") or ():
-            self.owners[key] = replica_id
-            self.owners.move_to_end(key)
-        while len(self.owners) > MAX_KEYS:
-            self.owners.popitem(last=False)
+            self._hold(key, replica_id)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         if self.in_flight.get(replica_id, 0) > 0:
@@ -116,24 +125,29 @@ class ImageAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRoute
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self.in_flight.pop(replica_id, None)
-        for key in [k for k, owner in self.owners.items() if owner == replica_id]:
-            del self.owners[key]  # its caches died with it
+        for key, holders in list(self.owners.items()):  # its caches died with it
+            if replica_id in holders:
+                holders.remove(replica_id)
+                if not holders:
+                    del self.owners[key]
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _owner(self, keys: Any, candidates: list[RunningReplica] | None) -> Any:
-        """The replica that saw most of ``keys`` (among ``candidates``, when given)."""
-        votes: dict[ReplicaID, int] = {}
+    def _holders(self, keys: Any) -> set[ReplicaID]:
+        """The replicas holding the first of ``keys`` that any replica holds."""
         for key in keys:
-            owner = self.owners.get(key)
-            if owner is not None:
-                votes[owner] = votes.get(owner, 0) + 1
-        if not votes:
-            return None
-        best = max(votes, key=votes.__getitem__)
-        if candidates is None:
-            return best
-        return next((r for r in candidates if r.replica_id == best), None)
+            found = self.owners.get(key)
+            if found:
+                return set(found)
+        return set()
+
+    def _hold(self, key: str, replica_id: ReplicaID) -> None:
+        holders = self.owners.setdefault(key, [])
+        if replica_id not in holders:
+            holders.append(replica_id)
+        self.owners.move_to_end(key)
+        while len(self.owners) > MAX_KEYS:
+            self.owners.popitem(last=False)
 
     @staticmethod
     def _two(candidates: list[RunningReplica]) -> list[RunningReplica]:

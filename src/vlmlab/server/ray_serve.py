@@ -42,6 +42,8 @@ REPLICA_HEADER = "x-vlmlab-replica"
 IMAGE_ROUTES = ("/v1/chat/completions", "/tokenize", "/views")
 # A replica that dies before answering: the request is sent this many more times.
 RETRIES = 2
+# After a stream's first token, its chunks leave a replica at most this often, together.
+STREAM_INTERVAL_S = 0.005
 # Whether start() started a local cluster (stop() then leaves the application to it).
 STARTED_LOCAL = False
 
@@ -111,34 +113,39 @@ class Replica:
             "headers": headers, "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0), "state": {},
         }  # fmt: skip
         task = asyncio.create_task(self.app(scope, receive, send))
+        loop = asyncio.get_running_loop()
+        sent_items, last = 0, 0.0
         try:
             while True:
-                getter = asyncio.ensure_future(sent.get())
-                done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-                if getter not in done:  # the app ended without a further message
-                    getter.cancel()
+                messages = await next_messages(sent, task, None)
+                if not messages:  # the app ended without a further message
                     if task.exception() is not None:
                         raise task.exception()  # type: ignore[misc]
                     return
-                # Everything the app has sent by now goes as one item: each item is a Ray
-                # message, so a stream that outpaces them travels in fewer, larger ones.
-                messages = [getter.result()]
-                while not sent.empty():
-                    messages.append(sent.get_nowait())
+                # Everything the app has sent by now goes as one item, and after a stream's
+                # first two (its role and first token) at most one item per STREAM_INTERVAL_S:
+                # each item is a Ray message, dearer than a token.
+                while sent_items >= 2 and not ends(messages):
+                    wait = last + STREAM_INTERVAL_S - loop.time()
+                    more = await next_messages(sent, task, wait) if wait > 0 else []
+                    if not more:
+                        break
+                    messages += more
                 start: dict[str, Any] | None = None
                 chunks: list[bytes] = []
-                ended = False
                 for message in messages:
                     if message["type"] == "http.response.start":
                         extra = [(REPLICA_HEADER.encode(), self.id.encode())]
                         start = {"status": message["status"], "headers": [*message.get("headers", []), *extra]}
                     elif message["type"] == "http.response.body":
                         chunks.append(bytes(message.get("body", b"")))
-                        ended = ended or not message.get("more_body", False)
+                ended = ends(messages)
                 if start is not None:
                     yield {**start, "body": b"".join(chunks), "ended": ended}
                 elif any(chunks):
                     yield b"".join(chunks)
+                    sent_items += 1
+                last = loop.time()
                 if ended:
                     return
         finally:
@@ -170,6 +177,31 @@ class Replica:
     async def __del__(self) -> None:  # Ray Serve calls an async __del__ when a replica stops
         if self.lifespan is not None:
             await self.lifespan.__aexit__(None, None, None)
+
+
+def ends(messages: list[dict[str, Any]]) -> bool:
+    """Whether ``messages`` hold the last of a response."""
+    return any(m["type"] == "http.response.body" and not m.get("more_body", False) for m in messages)
+
+
+async def next_messages(sent: asyncio.Queue[dict[str, Any]], app: asyncio.Task[Any], timeout: float | None) -> list[dict[str, Any]]:
+    """The ASGI messages the app has sent: at least one, waiting up to ``timeout`` (none: until
+    one comes or the app ends); empty when the app ended or the time ran out first."""
+    if sent.empty() and not app.done():
+        getter = asyncio.ensure_future(sent.get())
+        await asyncio.wait({getter, app}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if not getter.done():
+            getter.cancel()  # nothing runs between the wait and this: no message is lost
+        elif not getter.cancelled():
+            return [getter.result(), *drain(sent)]
+    return drain(sent)
+
+
+def drain(sent: asyncio.Queue[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    while not sent.empty():
+        out.append(sent.get_nowait())
+    return out
 
 
 # -- the front --------------------------------------------------------------------------------
