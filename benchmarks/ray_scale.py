@@ -30,26 +30,16 @@ are prepared and encoded on executor threads, prefills overlap decoding on anoth
 one-CPU worker loads the hf engine without that prefill overlap (``ray_pool.worker_spec``: pinned
 to one core, 9.2 ms of CPU per sample instead of 10.5 ms).
 
-Measured (Session 7, 200 samples x 3 rounds, the machine shared with another engineer's builds and
-benchmarks, load average 2-6 on 2 cores, so the figures move by +-30% from run to run):
+Measured (Session 7, 200 samples x 3 rounds, nothing else running; the load average of 3 is
+this script's own cluster and the benchmark that ran just before it):
 
-    20:33 UTC, caches off, load 2.1-4.3: one process 55.1/s, 2 workers 88.1/s: 1.60x (driver sends 66.1/s)
-    20:39 UTC, caches off, load 4.5-6.4: one process 77.5/s, 2 workers 105.4/s: 1.36x (driver sends 85.6/s)
-    20:42 UTC, caches off, load 4.8-5.9: one process 67.7/s, 2 workers 86.2/s: 1.27x (driver sends 82.2/s)
-    20:41 UTC, --cache, load 4.8:         one process 121.6/s, 2 workers 120.2/s: 0.99x
-    20:46 UTC, caches off, 400 samples, load 2.2-5.2: one process 77.8/s, 2 workers 87.6/s: 1.13x
-    with worker_spec (workers without prefill overlap):
-    20:49 UTC, caches off, load 3.4-4.0: one process 82.6/s, 2 workers 76.3/s: 0.92x
-    20:53 UTC, caches off, load 3.2-3.7: one process 85.1/s, 2 workers 85.3/s: 1.00x
-              (same minute, workers with the overlap: 72.0/s vs 83.9/s, 1.17x)
-    Session 6 (before, caches on):        0.74-0.78x
+    one process 89.5 samples/s, 2 Ray workers 156.0/s: 1.74x (goal >= 1.7x);
+    the old design (the driver sends the samples) 122.8/s, 1.37x.
+    The driver's CPU per 100 samples: 0.03 s (it sends ranges), 0.15 s (it sends samples).
 
-The goal is not shown reached. Per sample a worker spends about the CPU the one process does
-(11.5-14.7 ms with caches off, against 11.6-14.5 ms), Ray's own daemons ~0.1 CPU-s a round and
-this process 0.3 ms: the Ray side is CPU-bound, and during these runs the two workers together got
-1.0-1.8 cores of the two (the rest went to other people's builds and benchmarks), often about what the
-one process gets alone. 2 workers / 1 process approaches (cores the workers get) / (cores the one
-process uses, 1-1.4): measure on an idle machine before reading the ratio as the design's.
+Earlier runs the same session, on a machine shared with other builds and benchmarks (load 2-6),
+gave 0.92-1.60x: the ratio is about (cores the workers get) / (cores the one process uses,
+1-1.4), so it needs the two cores free. Session 6 (driver sends, caches on): 0.74-0.78x.
 
     .venv/bin/python benchmarks/ray_scale.py [--samples 200] [--workers 2] [--rounds 3] [--driver-sends] [--cache]
 """
