@@ -122,6 +122,11 @@ class Replica:
                     if task.exception() is not None:
                         raise task.exception()  # type: ignore[misc]
                     return
+                while all(m["type"] == "http.response.start" for m in messages):
+                    more = await next_messages(sent, task, None)  # the start travels with the first chunk
+                    if not more:
+                        break
+                    messages += more
                 # Everything the app has sent by now goes as one item, and after a stream's
                 # first two (its role and first token) at most one item per STREAM_INTERVAL_S:
                 # each item is a Ray message, dearer than a token.
