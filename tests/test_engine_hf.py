@@ -341,6 +341,43 @@ def test_images_encoded_ahead_answer_as_encoded_in_the_prefill(engine) -> None:
         other.close()
 
 
+def test_concurrent_requests_for_one_new_image_preprocess_and_encode_it_once(engine) -> None:
+    """Requests that arrive together with the same image wait for the one that computes it,
+    instead of each preprocessing and encoding it again (a single flight per cache key)."""
+    picture = image(173, 131, "purple", "circle")  # seen by no other test
+    requests = [GenerationRequest(Chat.single(f"Question {i}: what colour?", [picture]), SamplingParams(max_tokens=4, temperature=0)) for i in range(8)]
+    before = (engine.preprocess_cache.stats.queries, engine.preprocess_cache.stats.hits, engine.encoder_cache.stats.queries, engine.encoder_cache.stats.hits)
+
+    async def together():
+        return await asyncio.gather(*[complete(engine, r) for r in requests])
+
+    results = run(together())
+    after = (engine.preprocess_cache.stats.queries, engine.preprocess_cache.stats.hits, engine.encoder_cache.stats.queries, engine.encoder_cache.stats.hits)
+    preprocess_misses = (after[0] - before[0]) - (after[1] - before[1])
+    encoder_misses = (after[2] - before[2]) - (after[3] - before[3])
+    assert preprocess_misses == 1 and encoder_misses == 1, (preprocess_misses, encoder_misses)
+    assert sum(r.timings.preprocess_cache_hits for r in results) >= len(requests) - 1
+    assert len({r.text for r in results}) >= 1 and all(r.completion_tokens for r in results)
+
+
+def test_a_failed_computation_releases_its_waiters() -> None:
+    import threading
+
+    from vlmlab.cache import LRUCache
+
+    cache: LRUCache[str] = LRUCache(100)
+    value, claimed = cache.get_or_claim("k")
+    assert value is None and claimed
+    got: list[tuple] = []
+    waiter = threading.Thread(target=lambda: got.append(cache.get_or_claim("k")))
+    waiter.start()
+    cache.release("k")  # the computation failed: nothing was put
+    waiter.join(5)
+    assert got == [(None, False)]  # the waiter computes it itself, unclaimed
+    cache.put("k", "v")
+    assert cache.get_or_claim("k") == ("v", False)
+
+
 @pytest.mark.parametrize("temperature", [1e-30, 1e-300])
 def test_extreme_sampling_parameters_still_answer(engine, temperature) -> None:
     """A temperature so small that logits / temperature overflows float32 samples the most

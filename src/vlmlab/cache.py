@@ -59,6 +59,7 @@ class LRUCache(Generic[V]):
         self.sizeof = sizeof
         self._items: OrderedDict[str, tuple[V, int]] = OrderedDict()
         self._lock = threading.Lock()
+        self._making: dict[str, threading.Event] = {}  # keys a thread is computing (claimed)
         self.stats = CacheStats(budget=self.budget)
 
     @property
@@ -77,6 +78,45 @@ class LRUCache(Generic[V]):
             self._items.move_to_end(key)
             self.stats.hits += 1
             return item[0]
+
+    def get_or_claim(self, key: str, wait_s: float = 120.0) -> tuple[V | None, bool]:
+        """The value for ``key``, waiting for it while another thread computes it (a hit either
+        way): ``(value, False)``. Otherwise ``(None, True)``: the caller computes it, ``put``s it,
+        and must call :meth:`release` whatever happens. ``(None, False)``: compute it without a
+        claim (the cache is off, or the thread computing it failed or took over ``wait_s``).
+
+        Concurrent requests for one image then cost one preprocessing, not one each."""
+        if not self.enabled:
+            return None, False
+        with self._lock:
+            self.stats.queries += 1
+            found = self._hit(key)
+            if found is not None:
+                return found[0], False
+            making = self._making.get(key)
+            if making is None:
+                self._making[key] = threading.Event()
+                return None, True
+        making.wait(wait_s)
+        with self._lock:
+            found = self._hit(key)
+        return (found[0], False) if found is not None else (None, False)
+
+    def release(self, key: str) -> None:
+        """End a claim of :meth:`get_or_claim` (after ``put``, or after a failure)."""
+        with self._lock:
+            making = self._making.pop(key, None)
+        if making is not None:
+            making.set()
+
+    def _hit(self, key: str) -> tuple[V] | None:
+        """Under the lock: the value as a 1-tuple (a value may be falsy), counted as a hit."""
+        item = self._items.get(key)
+        if item is None:
+            return None
+        self._items.move_to_end(key)
+        self.stats.hits += 1
+        return (item[0],)
 
     def __contains__(self, key: str) -> bool:
         with self._lock:

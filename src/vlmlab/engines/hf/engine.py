@@ -539,10 +539,14 @@ class HFEngine(Engine):
         else:  # one image at a time, each looked up first: a repeated image skips the tower
             features = []
             for i, key in enumerate(keys):
-                found = self.encoder_cache.get(key)
-                if found is None:
-                    found = encode(slice(i, i + 1))[0]
-                    self.encoder_cache.put(key, found)
+                found, claimed = self.encoder_cache.get_or_claim(key)  # one encode per image in flight
+                try:
+                    if found is None:
+                        found = encode(slice(i, i + 1))[0]
+                        self.encoder_cache.put(key, found)
+                finally:
+                    if claimed:
+                        self.encoder_cache.release(key)
                 features.append(found)
         prepared.stages["encode"] = time.perf_counter() - start
         return prepared, features

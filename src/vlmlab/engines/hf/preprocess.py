@@ -250,10 +250,18 @@ class RequestPreprocessor:
         given = data.processed if isinstance(data.processed, ProcessedImage) and data.processed.key == key else None
         if given is not None and data.format != "cached":
             return given  # preprocessed for this request (by a server's process pool): no hit
-        found = given or self.cache.get(key)
+        found, claimed = (given, False) if given is not None else self.cache.get_or_claim(key)
         if found is not None:
             prepared.cache_hits += 1
             return found
+        try:
+            return self._make_image(key, data, options, prepared, mode)
+        finally:
+            if claimed:
+                self.cache.release(key)
+
+    def _make_image(self, key: str, data: ImageData, options: Mapping[str, Any], prepared: Prepared, mode: str) -> ProcessedImage:
+        """Preprocess one image and cache it (a miss of :meth:`_image`)."""
         if data.image is None:
             raise EngineError(f"image {data.source or data.sha256[:12]} has no pixels and no cache entry")
         start = time.perf_counter()
