@@ -13,24 +13,25 @@ servers see the same machine. Three figures:
    ``--repeats`` times with a different question, shuffled, 16 concurrent): the share of requests
    whose images were found preprocessed, the vision encoder's cache hit rate (both from
    ``/stats``, over the replicas) and TTFT p50, affinity router vs Ray's default power-of-two
-   router. A request that arrives while the same image is still being preprocessed for another
-   misses on either router (the caches do not wait for work in flight), so hit rates stay below
-   the ideal ``1 - 1/repeats``.
+   router. A replica preprocesses an image once even when several requests for it arrive
+   together (the caches' single flight); an image whose holder was too busy is preprocessed
+   again on the other replica, so hit rates stay below the ideal ``1 - 1/repeats``.
 
-Measured (Session 7, medians of 3 rounds, nothing else running):
+Measured (Session 7, medians of 3 rounds, nothing else running; ranges over the session's runs):
 
-- Ray's added latency at 1 concurrent, p50: +2.8 / +5.0 ms (two runs) for an answer that is not
-  streamed, +5.0 ms to the first token of a stream, +9.7 ms to the end of a 32-token stream.
-  Each Ray call costs about 2 ms here; a stream's chunks leave the replica at most every 5 ms
-  after its first token (before that change, +27.5 ms for the 32-token stream).
-- Requests/s at 16 concurrent, 2 replicas / 1 replica: 1.24x not streamed (52.3 vs 42.2 req/s;
-  plain serve 45.0), 1.07x streamed (30.5 vs 28.6; plain serve 39.3). Not the 1.7x goal: on two
-  cores, one replica already uses about 1.1 cores (its image and prefill threads), and the front,
-  this client and Ray's daemons take 0.3 more, so two replicas share what is left (measured: 0.78 +
-  0.72 cores). The ratio needs cores for every replica and the front; with GPU replicas the CPU is
-  not what they share.
+- Ray's added latency at 1 concurrent, p50: +2.8-5.2 ms for an answer that is not streamed,
+  +5.0-7.3 ms to the first token of a stream, +9.7-19.9 ms to the end of a 32-token stream (4
+  runs). A bare Ray actor call costs about 2 ms here; a stream's chunks leave the replica at most
+  every 5 ms after its first token (before that change, +27.5 ms for the 32-token stream).
+- Requests/s at 16 concurrent, 2 replicas / 1 replica: 1.12-1.24x not streamed (e.g. 52.3 vs
+  42.2 req/s, plain serve 45.0), 1.07-1.11x streamed (3 runs). Not the 1.7x goal: on two cores,
+  one replica already uses about 1.1 cores (its image and prefill threads), and the front, this
+  client and Ray's daemons take 0.3 more, so two replicas share what is left (measured: 0.78 +
+  0.72 cores). The ratio needs cores for every replica and the front; with GPU replicas the CPU
+  is not what they share.
 - Repeated images (32 x 4, 16 concurrent): requests finding their images preprocessed, affinity
-  62% vs 52% with Ray's router; encoder cache 62% vs 51%; TTFT p50 125 vs 190 ms (0.66x).
+  62-64% vs 48-52% with Ray's router; encoder cache 62-64% vs 47-52%; TTFT p50 125-156 vs
+  169-190 ms (3 runs).
 
     .venv/bin/python benchmarks/ray_serve_scale.py [--rounds 3] [--requests 128]
 """
