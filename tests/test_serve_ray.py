@@ -120,6 +120,11 @@ def test_the_same_image_goes_to_the_same_replica_and_hits_its_cache(served: Serv
     assert stats["preprocess_cache"]["hits"] - before >= 12  # rounds 2 and 3 of 6 images
     assert stats["routing"]["router"] == "affinity" and stats["routing"]["routed"]["affinity"] >= 12
     assert len(stats["replicas"]) == 2 and all(r["model"] == "nano" for r in stats["replicas"].values())
+    deadline = time.monotonic() + 5  # completions are counted by a callback, a moment after the answer
+    while set(stats["routing"]["in_flight"].values()) != {0} and time.monotonic() < deadline:
+        time.sleep(0.1)
+        stats = httpx.get(served.base + "/stats").json()
+    assert set(stats["routing"]["in_flight"].values()) == {0}  # the /stats calls themselves are not load
 
 
 def test_metrics_cover_every_replica(served: Served) -> None:

@@ -50,6 +50,7 @@ class ImageAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRoute
         self.imbalance = imbalance
         self.owners: OrderedDict[str, list[ReplicaID]] = OrderedDict()  # image key -> replicas holding it
         self.in_flight: dict[ReplicaID, int] = {}
+        self.fan_outs: set[str] = set()  # internal ids of /stats, /metrics, /health calls in flight
         # affinity: routed to the replica holding an image; moved: the holder was too busy;
         # spread: no image seen before (or none at all, or the default mode).
         self.counts = {"affinity": 0, "moved": 0, "spread": 0}
@@ -110,15 +111,19 @@ class ImageAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRoute
         return [[chosen], others] if others else [[chosen]]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        if pending_request.kwargs.get("replica"):  # a fan-out call is neither load nor a decision
+            self.fan_outs.add(pending_request.metadata.internal_request_id)
+            return
         self.in_flight[replica_id] = self.in_flight.get(replica_id, 0) + 1
-        if pending_request.kwargs.get("replica"):
-            return  # a fan-out call is not a routing decision
         route, chosen = getattr(pending_request.routing_context, "vlmlab_route", ("spread", replica_id))
         self.counts["moved" if route == "affinity" and chosen != replica_id else route] += 1
         for key in pending_request.kwargs.get("images") or ():
             self._hold(key, replica_id)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        if internal_request_id in self.fan_outs:
+            self.fan_outs.discard(internal_request_id)
+            return
         if self.in_flight.get(replica_id, 0) > 0:
             self.in_flight[replica_id] -= 1
 
