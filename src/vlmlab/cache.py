@@ -72,12 +72,8 @@ class LRUCache(Generic[V]):
             return None
         with self._lock:
             self.stats.queries += 1
-            item = self._items.get(key)
-            if item is None:
-                return None
-            self._items.move_to_end(key)
-            self.stats.hits += 1
-            return item[0]
+            found = self._hit(key)
+        return found[0] if found is not None else None
 
     def get_or_claim(self, key: str, wait_s: float = 120.0) -> tuple[V | None, bool]:
         """The value for ``key``, waiting for it while another thread computes it (a hit either

@@ -144,14 +144,11 @@ class RayJobs:
     gpus: float = 0.0
 
     def run(self, jobs: Sequence[tuple[str, Any, Sequence[Question]]], max_tokens: int) -> list[list[Answer]]:
-        try:
-            import ray
-        except ImportError as exc:
-            raise ConfigError("--ray needs Ray: pip install 'vlmlab[ray]'") from exc
-        if not ray.is_initialized():
-            import logging
+        from vlmlab.engines.ray_pool import connect
 
-            ray.init(address=self.address or "local", log_to_driver=False, logging_level=logging.WARNING, include_dashboard=False)
+        connect(self.address)
+        import ray
+
         task = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=3)(answer_job)
         refs = [task.remote(label, spec, list(questions), max_tokens) for label, spec, questions in jobs]
         try:

@@ -42,6 +42,21 @@ def _ray() -> Any:
     return ray
 
 
+def connect(address: str | None) -> bool:
+    """Join the Ray cluster at ``address`` (``None``: start a new local one, even when another
+    runs on this machine), unless this process already is in one. Ray's own start-up lines stay
+    out of vlmlab's output; its warnings do not. Returns whether this call connected.
+
+    Raises:
+        ConfigError: Ray is not installed (naming the extra).
+    """
+    ray = _ray()
+    if ray.is_initialized():
+        return False
+    ray.init(address=address or "local", log_to_driver=False, logging_level=logging.WARNING, include_dashboard=False)
+    return True
+
+
 class _Worker:
     """One engine in one Ray actor (an async actor: the requests it holds are decoded together)."""
 
@@ -95,9 +110,7 @@ class RayEnginePool(Engine):
         ray = _ray()
         if workers < 1:
             raise ConfigError(f"--workers must be at least 1, got {workers}")
-        if not ray.is_initialized():
-            # Ray's own start-up lines stay out of vlmlab's output; its warnings do not.
-            ray.init(address=address or "local", ignore_reinit_error=True, log_to_driver=False, logging_level=logging.WARNING)
+        connect(address)
         cpus = ray.cluster_resources().get("CPU", 0)
         if cpus < workers * cpus_per_worker:  # Ray waits for them (an autoscaler may add nodes): say so
             logger.warning("the Ray cluster has %g CPUs; %d workers need %g: some wait until it has them", cpus, workers, workers * cpus_per_worker)

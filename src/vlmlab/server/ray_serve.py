@@ -262,8 +262,7 @@ class Front:
         if request.method == "GET" and path in ("/stats", "/metrics", "/health"):
             return await self.fan_out(request, path)
         body = await request.body()
-        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
-        call = (request.method, path, request.url.query.encode(), headers, body)
+        call = (request.method, path, request.url.query.encode(), list(request.headers.raw), body)
         keys, streams = read_body(path, body)
         if streams:
             return await self.forward_stream(call, keys)
@@ -279,12 +278,10 @@ class Front:
                 answer = await self.calls.whole.remote(*call, images=keys, replica=replica)
             except ray.exceptions.RayError as exc:
                 if replica is not None or attempt == RETRIES:
-                    return unavailable(f"the replica answering this request failed ({type(exc).__name__}); retry the request")
+                    return replica_failed(exc)
                 logger.warning("a replica failed before answering (%s); sending the request to another", type(exc).__name__)
                 continue
-            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in answer["headers"]}
-            headers.pop("content-length", None)  # set again from the body
-            return Response(answer["body"], status_code=answer["status"], headers=headers)
+            return Response(answer["body"], status_code=answer["status"], headers=relayed_headers(answer["headers"]))
         raise AssertionError("unreachable")
 
     async def forward_stream(self, call: tuple[Any, ...], keys: tuple[str, ...]) -> Response:
@@ -300,12 +297,11 @@ class Front:
                 return unavailable("the replica ended the request without an answer")
             except ray.exceptions.RayError as exc:
                 if attempt == RETRIES:
-                    return unavailable(f"the replica answering this request failed ({type(exc).__name__}); retry the request")
+                    return replica_failed(exc)
                 logger.warning("a replica failed before answering (%s); sending the request to another", type(exc).__name__)
                 continue
-            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in start["headers"]}
+            headers = relayed_headers(start["headers"])
             sse = headers.get("content-type", "").startswith("text/event-stream")
-            headers.pop("content-length", None)  # set again from what is sent
             if start["ended"]:  # the whole answer came with its start (not streamed)
                 return Response(start["body"], status_code=start["status"], headers=headers)
             return StreamingResponse(relay(start["body"], stream, sse), status_code=start["status"], headers=headers)
@@ -314,8 +310,7 @@ class Front:
     async def fan_out(self, request: Request, path: str) -> Response:
         """``/stats``, ``/metrics`` and ``/health`` from every replica, merged."""
         ids = await self.replica_ids()
-        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
-        call = ("GET", path, request.url.query.encode(), headers, b"")
+        call = ("GET", path, request.url.query.encode(), list(request.headers.raw), b"")
 
         async def ask(replica: str) -> tuple[int, bytes]:
             response = await self.forward(call, (), replica=replica)
@@ -357,6 +352,18 @@ async def relay(first: bytes, stream: Any, sse: bool) -> AsyncIterator[bytes]:
         if sse:
             error = EngineUnavailableError(f"the replica answering this stream failed ({type(exc).__name__}); retry the request")
             yield f"data: {json.dumps(error.to_openai())}\n\n".encode()
+
+
+def relayed_headers(raw: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """A replica's response headers for the front's response (its content-length is set again
+    from what the front sends)."""
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw}
+    headers.pop("content-length", None)
+    return headers
+
+
+def replica_failed(exc: Exception) -> JSONResponse:
+    return unavailable(f"the replica answering this request failed ({type(exc).__name__}); retry the request")
 
 
 def unavailable(message: str) -> JSONResponse:
@@ -505,13 +512,13 @@ def start(settings: ServerSettings, app_name: str = APP_NAME) -> Front:
     local one) as the application ``app_name`` and return the front that serves them from this
     process (``vlmlab serve --ray`` names it after its port, so several can share a cluster)."""
     global STARTED_LOCAL
-    ray, serve = ray_modules()
-    ray_settings = settings.ray or RaySettings()
+    from vlmlab.engines.ray_pool import connect
+
+    _, serve = ray_modules()
+    address = (settings.ray or RaySettings()).address
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its start-up lines are not vlmlab's
-    if not ray.is_initialized():
-        STARTED_LOCAL = ray_settings.address is None
-        # "local": a new cluster even when another one runs on this machine.
-        ray.init(address=ray_settings.address or "local", log_to_driver=False, logging_level=logging.WARNING, include_dashboard=False)
+    if connect(address):
+        STARTED_LOCAL = address is None
     # No Ray HTTP proxy: this process's uvicorn is the endpoint.
     serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
     handle = serve.run(replica_deployment(settings), name=app_name, route_prefix=None, blocking=False)
