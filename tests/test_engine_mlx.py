@@ -29,7 +29,6 @@ from vlmlab.engines.mlx.translate import (
     INSTALL_HINT,
     NOT_APPLE_HINT,
     StepFigures,
-    StopText,
     check_options,
     checkpoint_options,
     finish_reason,
@@ -38,6 +37,7 @@ from vlmlab.engines.mlx.translate import (
     sampling_kwargs,
     unavailable_reason,
 )
+from vlmlab.engines.stops import StopText
 from vlmlab.families import get_family
 from vlmlab.protocol.core import (
     Chat,

@@ -33,7 +33,6 @@ from vlmlab.engines.base import Capabilities, Engine, EngineInfo, GenerationRequ
 from vlmlab.engines.mlx.translate import (
     MLXCheckpoint,
     StepFigures,
-    StopText,
     check_options,
     checkpoint_options,
     finish_reason,
@@ -42,6 +41,7 @@ from vlmlab.engines.mlx.translate import (
     sampling_kwargs,
     unavailable_reason,
 )
+from vlmlab.engines.stops import StopText
 from vlmlab.families import Family, get_family
 from vlmlab.protocol.core import Chat, GenerationChunk, GenerationResult, Timings
 from vlmlab.protocol.errors import (
