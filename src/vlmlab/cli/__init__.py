@@ -92,6 +92,24 @@ def remote_extra(base_url: str | None, api_key: str | None, base: Any = None) ->
     return {**(base if isinstance(base, dict) else {}), **flags}
 
 
+def gguf_extra(extra: dict[str, Any] | None, base: Any = None, **flags: Any) -> dict[str, Any] | None:
+    """``extra`` plus the llamacpp engine's flags that were given (``mmproj``, ``gguf_file``,
+    ``family``, ``n_threads``): a path is made absolute, so it means the same in a replica."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    if not given:
+        return extra
+    mmproj = given.get("mmproj")
+    if mmproj and Path(mmproj).expanduser().exists():
+        given["mmproj"] = str(Path(mmproj).expanduser().resolve())
+    start = extra if extra is not None else (base if isinstance(base, dict) else {})
+    return {**start, **given}
+
+
+MMPROJ_HELP = "llamacpp engine: the vision projector GGUF (a path, or a file of the --model Hub repository)."
+GGUF_FILE_HELP = "llamacpp engine: the model GGUF in a folder or Hub repository holding several (e.g. pixtral-12b-Q4_K_M.gguf)."
+FAMILY_HELP = "llamacpp engine: the vlmlab family of the GGUF when its metadata does not say (e.g. pixtral, qwen2_vl)."
+THREADS_HELP = "llamacpp engine: CPU threads per model copy (default: the cores shared among --data-parallel-size copies)."
+
 QUANTIZATION_HELP = (
     "Weight quantization: fp8, awq, gptq, bitsandbytes (vllm); bnb-4bit, bnb-8bit (hf on CUDA), "
     "int8 (hf, torchao weight-only)."

@@ -15,10 +15,15 @@ import typer
 from rich.table import Table
 
 from vlmlab.cli import (
+    FAMILY_HELP,
+    GGUF_FILE_HELP,
+    MMPROJ_HELP,
     QUANTIZATION_HELP,
+    THREADS_HELP,
     app,
     console,
     err_console,
+    gguf_extra,
     parse_options,
     remote_extra,
     with_quantization,
@@ -31,7 +36,11 @@ def chat(
     question: Annotated[str, typer.Argument(help="The question about the image(s).")],
     image: Annotated[list[str] | None, typer.Option("--image", "-i", help="Image path or URL. Repeatable.")] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="nano, a family preset, a hub id or a path.")] = "nano",
-    engine: Annotated[str, typer.Option(help="Backend: hf, vllm (NVIDIA GPU), mlx (Apple Silicon) or remote (an OpenAI-compatible server).")] = "hf",
+    engine: Annotated[str, typer.Option(help="Backend: hf, llamacpp (GGUF), vllm (NVIDIA GPU), mlx (Apple Silicon), mistral (mistral-inference) or remote (an OpenAI-compatible server).")] = "hf",
+    mmproj: Annotated[str | None, typer.Option(help=MMPROJ_HELP)] = None,
+    gguf_file: Annotated[str | None, typer.Option(help=GGUF_FILE_HELP)] = None,
+    family: Annotated[str | None, typer.Option(help=FAMILY_HELP)] = None,
+    threads: Annotated[int | None, typer.Option(help=THREADS_HELP)] = None,
     base_url: Annotated[str | None, typer.Option(help="remote engine: server URL, e.g. http://host:8000/v1.")] = None,
     remote_api_key: Annotated[str | None, typer.Option(envvar="VLMLAB_REMOTE_API_KEY", help="remote engine: API key (default: MISTRAL_API_KEY / OPENAI_API_KEY for their URLs).")] = None,
     quantization: Annotated[str | None, typer.Option(help=QUANTIZATION_HELP)] = None,
@@ -65,7 +74,10 @@ def chat(
         dtype=dtype,  # type: ignore[arg-type]
         trust_remote_code=trust_remote_code,
         processor_options=parse_options(opt),
-        extra=with_quantization(remote_extra(base_url, remote_api_key) or {}, quantization, load_in_4bit, load_in_8bit),
+        extra=with_quantization(
+            gguf_extra(remote_extra(base_url, remote_api_key), mmproj=mmproj, gguf_file=gguf_file, family=family, n_threads=threads) or {},
+            quantization, load_in_4bit, load_in_8bit,
+        ),
     )
     if engine.strip().lower() == "vllm":
         # vLLM's offline LLM.chat: one batch, and vLLM prints its own progress / speed line.
@@ -104,7 +116,11 @@ def chat(
 @app.command()
 def serve(
     model: Annotated[list[str] | None, typer.Option("--model", "-m", help="nano, a family preset, hub id or path; repeat it to serve several models (URL#model: one on another server), picked by each request's model field.")] = None,
-    engine: Annotated[str | None, typer.Option(help="Engine or fallback chain, e.g. vllm,hf.")] = None,
+    engine: Annotated[str | None, typer.Option(help="Engine or fallback chain, e.g. vllm,hf (hf, llamacpp, vllm, mlx, mistral, remote).")] = None,
+    mmproj: Annotated[str | None, typer.Option(help=MMPROJ_HELP)] = None,
+    gguf_file: Annotated[str | None, typer.Option(help=GGUF_FILE_HELP)] = None,
+    family: Annotated[str | None, typer.Option(help=FAMILY_HELP)] = None,
+    threads: Annotated[int | None, typer.Option(help=THREADS_HELP)] = None,
     config: Annotated[str | None, typer.Option(help="YAML/JSON config file or preset name.")] = None,
     base_url: Annotated[str | None, typer.Option(help="remote engine: upstream URL, e.g. http://host:8000/v1.")] = None,
     remote_api_key: Annotated[str | None, typer.Option(envvar="VLMLAB_REMOTE_API_KEY", help="remote engine: upstream API key.")] = None,
@@ -125,7 +141,7 @@ def serve(
     trust_remote_code: Annotated[bool | None, typer.Option("--trust-remote-code/--no-trust-remote-code")] = None,
     max_model_len: Annotated[int | None, typer.Option()] = None,
     max_batch_size: Annotated[int | None, typer.Option(help="Requests decoded together.")] = None,
-    data_parallel_size: Annotated[int | None, typer.Option("--data-parallel-size", "-dp", help="hf engine: copies of the model decoding side by side, each in its own process (on a CPU: up to one per core).")] = None,
+    data_parallel_size: Annotated[int | None, typer.Option("--data-parallel-size", "-dp", help="hf engine: copies of the model decoding side by side, each in its own process (on a CPU: up to one per core); llamacpp: llama.cpp contexts on threads of their own.")] = None,
     max_images: Annotated[int | None, typer.Option(help="Images per request.")] = None,
     max_image_bytes: Annotated[str | None, typer.Option(help="Per-image byte cap, e.g. 20MiB.")] = None,
     max_image_pixels: Annotated[int | None, typer.Option(
@@ -170,7 +186,10 @@ def serve(
     first, *more = model or [None]
     settings = server_settings(
         file_settings,
-        extra=remote_extra(base_url, remote_api_key, (file_settings or {}).get("extra")),
+        extra=gguf_extra(
+            remote_extra(base_url, remote_api_key, (file_settings or {}).get("extra")), (file_settings or {}).get("extra"),
+            mmproj=mmproj, gguf_file=gguf_file, family=family, n_threads=threads,
+        ),
         model=first, models=more or None, engine=engine, host=host, port=port, api_key=api_key,
         allowed_local_media_path=allowed_local_media_path, allowed_media_domains=allowed_media_domains,
         trusted_media_hosts=trusted_media_hosts,
@@ -370,8 +389,28 @@ def test_model_command(
         raise typer.Exit(1)
 
 
-nano_app = typer.Typer(help="The embedded nano model: train it, evaluate it.", no_args_is_help=True)
+nano_app = typer.Typer(help="The embedded nano model: train it, evaluate it, export it as GGUF.", no_args_is_help=True)
 app.add_typer(nano_app, name="nano")
+
+
+@nano_app.command("export-gguf")
+def nano_export_gguf(
+    out: Annotated[Path, typer.Argument(help="Folder for vlmlab-nano.gguf and mmproj-vlmlab-nano.gguf.")],
+    outtype: Annotated[str, typer.Option(help="Weight type: f16 (default), f32, bf16 or q8_0.")] = "f16",
+    model_dir: Annotated[Path | None, typer.Option(help="Checkpoint directory (default: packaged).")] = None,
+    llama_cpp: Annotated[Path | None, typer.Option("--llama-cpp", envvar="VLMLAB_LLAMA_CPP", help="A llama.cpp checkout whose convert_hf_to_gguf.py to run (default: the one in llama-cpp-python's source, downloaded once).")] = None,
+) -> None:
+    """Convert nano to GGUF with llama.cpp's own converter, for --engine llamacpp (or llama.cpp, Ollama, LM Studio)."""
+    from vlmlab.engines.llamacpp.convert import export_gguf
+    from vlmlab.nano import checkpoint_path
+
+    files = export_gguf(model_dir or checkpoint_path(), out, name="vlmlab-nano", outtype=outtype, llama_cpp=llama_cpp)
+    for path in (files.model, files.mmproj):
+        console.print(f"{path}  {path.stat().st_size / 2**20:.1f} MiB" if path else "")
+    console.print(
+        f"try: vlmlab chat --engine llamacpp --model {files.model} --mmproj {files.mmproj} "
+        "--image red_square.png \"What colour is the shape?\"", highlight=False, soft_wrap=True,
+    )  # fmt: skip
 
 
 @nano_app.command("eval")
