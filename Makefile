@@ -2,6 +2,8 @@
 # Both create .venv from requirements/lock.txt: every package (the extras hf, server and test, and
 # the torch + torchvision pin of requirements/torch.txt) at the version CI tested, checked against
 # the lock's hashes. Then vlmlab itself, editable, with no dependency resolution of its own.
+# llama-cpp-python (the llamacpp engine's tests) builds llama.cpp from source the first time (about
+# 10 CPU-minutes), portable (no -march=native), and pip's wheel cache keeps the wheel after that.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -29,7 +31,7 @@ install: $(STAMP)
 # setuptools is newest today.
 $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --require-hashes -r $(LOCK)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q --require-hashes -r $(LOCK)
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

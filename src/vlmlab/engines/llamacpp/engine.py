@@ -67,13 +67,16 @@ _QUIET: list[Any] = []  # the no-op log callbacks handed to llama.cpp (kept aliv
 
 
 class _Prompt:
-    """A request's prompt as mtmd chunks (freed with :meth:`free`)."""
+    """A request's prompt as mtmd chunks (freed with :meth:`free`), or as plain tokens for a
+    model loaded without a projector."""
 
-    def __init__(self, mtmd: Any, chunks: Any, bitmaps: list[Any]) -> None:
-        self.mtmd, self.chunks, self.bitmaps = mtmd, chunks, bitmaps
+    def __init__(self, mtmd: Any, chunks: Any, bitmaps: list[Any], text_tokens: list[int] | None = None) -> None:
+        self.mtmd, self.chunks, self.bitmaps, self.text_tokens = mtmd, chunks, bitmaps, text_tokens
 
     def tokens(self) -> tuple[int, int]:
         """``(all positions, image-chunk positions)``."""
+        if self.text_tokens is not None:
+            return len(self.text_tokens), 0
         total = images = 0
         for i in range(self.mtmd.mtmd_input_chunks_size(self.chunks)):
             chunk = self.mtmd.mtmd_input_chunks_get(self.chunks, i)
@@ -208,6 +211,8 @@ class LlamaCppEngine(Engine):
 
         mtmd = self._mtmd
         text = self._prompt_text(chat).encode("utf-8")
+        if copy.mtmd_ctx is None:  # no projector: _check let no image through
+            return _Prompt(mtmd, None, [], copy.llama.tokenize(text, add_bos=False, special=True))
         prompt = _Prompt(mtmd, None, [])
         try:
             for part in chat.images:
@@ -401,6 +406,9 @@ class LlamaCppEngine(Engine):
         (which encodes them with the projector and decodes the embeddings)."""
         lib, mtmd, llama = self._lib, self._mtmd, copy.llama
         llama.reset()
+        if prompt.text_tokens is not None:
+            llama.eval(prompt.text_tokens)
+            return
         for i in range(mtmd.mtmd_input_chunks_size(prompt.chunks)):
             chunk = mtmd.mtmd_input_chunks_get(prompt.chunks, i)
             if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:

@@ -1,0 +1,351 @@
+"""The llama.cpp engine on nano converted to GGUF by llama.cpp's own converter: the export, greedy
+parity with the transformers engine on every shipped sample, streaming, stops, cancellation,
+seeds, copies, errors, and `vlmlab serve --engine llamacpp` driven by the openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from vlmlab.chat import load_images
+from vlmlab.config import ServerSettings
+from vlmlab.engines import EngineSpec, GenerationRequest, complete, load_engine
+from vlmlab.engines.llamacpp.run_converter import digit_split_then_byte_level
+from vlmlab.engines.llamacpp.translate import (
+    GGUFFiles,
+    TokenText,
+    family_of,
+    resized_size,
+    resolve_files,
+    sampler_plan,
+    template_messages,
+)
+from vlmlab.families import get_family
+from vlmlab.nano import checkpoint_path
+from vlmlab.protocol.core import Chat, GenerationChunk, GenerationResult, Message, SamplingParams
+from vlmlab.protocol.errors import BadRequestError, ConfigError, ContextLengthError, NotFoundError
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (pip install 'vlmlab[llamacpp]')")
+
+SAMPLES = checkpoint_path().parent / "samples"
+GREEDY = SamplingParams(max_tokens=12, temperature=0)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture(scope="module")
+def gguf(tmp_path_factory) -> GGUFFiles:
+    """nano exported by `vlmlab nano export-gguf`'s code path (llama.cpp's converter)."""
+    from vlmlab.engines.llamacpp.convert import export_gguf
+
+    return export_gguf(checkpoint_path(), tmp_path_factory.mktemp("gguf"), name="vlmlab-nano")
+
+
+@pytest.fixture(scope="module")
+def engine(gguf):
+    eng = load_engine(EngineSpec(model=str(gguf.model), engine="llamacpp", extra={"mmproj": str(gguf.mmproj)}))
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def hf_engine():
+    eng = load_engine(EngineSpec(model="nano"))
+    yield eng
+    eng.close()
+
+
+def sample_chats() -> list[tuple[str, Chat]]:
+    samples = json.loads((SAMPLES / "samples.json").read_text())
+    return [(s["task"], Chat.single(s["question"], load_images([str(SAMPLES / f) for f in s["images"]]))) for s in samples]
+
+
+# -- the export ------------------------------------------------------------------------------------
+
+
+def test_export_writes_a_loadable_pair_with_the_two_fixes(gguf):
+    from gguf import GGUFReader
+
+    text = GGUFReader(str(gguf.model))
+    projector = GGUFReader(str(gguf.mmproj))
+    assert text.fields["general.name"].contents() == "vlmlab-nano"
+    # nano's digits-then-byte-level pre-tokenizer, named as llama.cpp's equal "starcoder" one
+    assert text.fields["tokenizer.ggml.pre"].contents() == "starcoder"
+    assert projector.fields["clip.projector_type"].contents() == "pixtral"
+    # the [IMG_BREAK] row the converter's --mmproj filter used to drop
+    names = {t.name for t in projector.tensors}
+    assert "v.token_embd.img_break" in names
+
+
+def test_gguf_tokenizer_splits_text_as_the_checkpoint_tokenizer(gguf):
+    from tokenizers import Tokenizer
+
+    reference = Tokenizer.from_file(str(checkpoint_path() / "tokenizer.json"))
+    llama = llama_cpp.Llama(str(gguf.model), vocab_only=True, verbose=False)
+    try:
+        for text in ["What colour is the shape?", "Value 1234 at 56.7%, then 8 - 9!", "  two  spaces\tand tabs", "x=y+3*(z-10)/2"]:
+            assert llama.tokenize(text.encode(), add_bos=False, special=False) == reference.encode(text, add_special_tokens=False).ids, text
+    finally:
+        llama.close()
+
+
+def test_pre_tokenizer_rule_is_narrow(tmp_path):
+    assert digit_split_then_byte_level(checkpoint_path() / "tokenizer.json")
+    other = tmp_path / "tokenizer.json"
+    other.write_text(json.dumps({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}))
+    assert not digit_split_then_byte_level(other)
+    other.write_text(json.dumps({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "\\p{N}{1,3}"}, "behavior": "Isolated"}, {"type": "ByteLevel"}]}}))  # fmt: skip
+    assert not digit_split_then_byte_level(other)
+
+
+def test_cli_export_gguf_then_chat_answers_red(tmp_path):
+    from typer.testing import CliRunner
+
+    from vlmlab.cli import app
+
+    runner = CliRunner()
+    exported = runner.invoke(app, ["nano", "export-gguf", str(tmp_path / "out")])
+    assert exported.exit_code == 0, exported.output
+    model, mmproj = tmp_path / "out" / "vlmlab-nano.gguf", tmp_path / "out" / "mmproj-vlmlab-nano.gguf"
+    assert model.is_file() and mmproj.is_file()
+    answer = runner.invoke(app, ["chat", "--engine", "llamacpp", "--model", str(model), "--mmproj", str(mmproj),
+                                 "--image", str(SAMPLES / "red_square.png"), "What colour is the shape?"])  # fmt: skip
+    assert answer.exit_code == 0, answer.output
+    assert answer.stdout.strip().splitlines()[0] == "red"
+    assert "TTFT" in answer.output and "image tokens 54" in answer.output
+
+
+# -- parity with the transformers engine ---------------------------------------------------------
+
+
+def test_greedy_parity_with_hf_on_every_shipped_sample(engine, hf_engine):
+    """Same answers and the same usage; with EOS masked, the same 8-token continuations too."""
+    for task, chat in sample_chats():
+        for sampling in (GREEDY, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)):
+            ours = run(complete(engine, GenerationRequest(chat, sampling)))
+            reference = run(complete(hf_engine, GenerationRequest(chat, sampling)))
+            assert ours.text == reference.text, (task, sampling.ignore_eos)
+            assert (ours.prompt_tokens, ours.image_tokens, ours.completion_tokens) == (
+                reference.prompt_tokens, reference.image_tokens, reference.completion_tokens), task  # fmt: skip
+            assert ours.finish_reason == reference.finish_reason
+        assert engine.count_prompt_tokens(chat) == hf_engine.count_prompt_tokens(chat)
+
+
+def test_images_are_resized_by_the_family_rule():
+    nano = get_family("nano")
+    assert resized_size(nano, 300, 200, {}) == nano.image_layout(300, 200).resized == (192, 128)
+    assert resized_size(nano, 64, 48, {}) is None  # already whole patches within the longest edge
+    assert resized_size(get_family("llava_next"), 300, 200, {}) is None  # tiling families: unchanged
+
+
+# -- generation behaviour --------------------------------------------------------------------------
+
+
+def test_streaming_chunks_add_up_to_the_result(engine):
+    _, chat = sample_chats()[0]
+
+    async def collect():
+        return [item async for item in engine.generate(GenerationRequest(chat, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)))]
+
+    items = run(collect())
+    chunks = [i for i in items if isinstance(i, GenerationChunk)]
+    result = items[-1]
+    assert isinstance(result, GenerationResult) and len(chunks) >= 2
+    assert "".join(c.text for c in chunks) == result.text
+    assert sum(c.token_count for c in chunks) == result.completion_tokens == 10
+    assert result.finish_reason == "length"
+    assert result.timings.ttft_s > 0 and result.timings.prefill_s > 0
+
+
+def test_stop_string_ends_the_answer_before_it(engine):
+    _, chat = sample_chats()[0]
+    full = run(complete(engine, GenerationRequest(chat, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))))
+    assert len(full.text) > 4
+    stop = full.text[3:5]
+    cut = run(complete(engine, GenerationRequest(chat, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=(stop,)))))
+    assert cut.text == full.text[: full.text.index(stop)]
+    assert cut.finish_reason == "stop"
+
+
+def test_cancelling_frees_the_copy_for_the_next_request(engine):
+    _, chat = sample_chats()[0]
+    before = engine.counters["cancelled"]
+
+    async def cancel_after_first_chunk():
+        stream = engine.generate(GenerationRequest(chat, SamplingParams(max_tokens=900, temperature=0, ignore_eos=True)))
+        async for item in stream:
+            assert isinstance(item, GenerationChunk)
+            break
+        await stream.aclose()
+
+    run(cancel_after_first_chunk())
+    assert engine.counters["cancelled"] == before + 1
+    started = time.perf_counter()
+    answer = run(complete(engine, GenerationRequest(chat, GREEDY)))
+    assert answer.text == "green"
+    assert time.perf_counter() - started < 5  # not queued behind 900 tokens of the cancelled one
+
+
+def test_seeded_sampling_repeats(engine):
+    _, chat = sample_chats()[0]
+    sampling = SamplingParams(max_tokens=12, temperature=1.0, seed=1234, ignore_eos=True)
+    first = run(complete(engine, GenerationRequest(chat, sampling)))
+    again = run(complete(engine, GenerationRequest(chat, sampling)))
+    assert first.text == again.text and first.completion_tokens == 12
+
+
+def test_logit_bias_and_penalties_are_honoured(engine):
+    _, chat = sample_chats()[0]
+    plain = run(complete(engine, GenerationRequest(chat, GREEDY)))
+    first_token = llama_tokens(engine, plain.text)[0]
+    biased = run(complete(engine, GenerationRequest(chat, SamplingParams(max_tokens=12, temperature=0, logit_bias=((first_token, -100.0),)))))
+    assert biased.text != plain.text
+    with pytest.raises(BadRequestError, match="logit_bias token 99999"):
+        run(complete(engine, GenerationRequest(chat, SamplingParams(max_tokens=4, temperature=0, logit_bias=((99999, 1.0),)))))
+
+
+def llama_tokens(engine, text: str) -> list[int]:
+    return engine._copies[0].llama.tokenize(text.encode(), add_bos=False, special=False)
+
+
+def test_context_and_image_limits_are_400s(engine):
+    _, chat = sample_chats()[0]
+    with pytest.raises(ContextLengthError, match="maximum context length is 1024"):
+        run(complete(engine, GenerationRequest(chat, SamplingParams(max_tokens=1000, temperature=0))))
+    five = Chat.single("How many?", load_images([str(SAMPLES / "color.png")] * 5))
+    with pytest.raises(BadRequestError, match="At most 4 image"):
+        run(complete(engine, GenerationRequest(five, GREEDY)))
+    with pytest.raises(BadRequestError, match="processor options"):
+        engine.count_prompt_tokens(chat, {"longest_edge": 64})
+
+
+def test_a_model_without_mmproj_refuses_images_but_answers_text(gguf):
+    text_only = load_engine(EngineSpec(model=str(gguf.model), engine="llamacpp", extra={"n_threads": 1}))
+    try:
+        assert text_only.info().max_images == 0
+        with pytest.raises(BadRequestError, match="without --mmproj"):
+            run(complete(text_only, GenerationRequest(sample_chats()[0][1], GREEDY)))
+        result = run(complete(text_only, GenerationRequest(Chat((Message.of("user", "Name the shape."),)), GREEDY)))
+        assert result.image_tokens == 0 and result.prompt_tokens > 3
+    finally:
+        text_only.close()
+
+
+def test_two_copies_answer_concurrent_requests_alike(gguf, engine):
+    two = load_engine(EngineSpec(model=str(gguf.model), engine="llamacpp", data_parallel_size=2, extra={"mmproj": str(gguf.mmproj)}))
+    try:
+        assert two.info().details["copies"] == 2 and two.info().details["threads_per_copy"] >= 1
+        chats = [chat for _, chat in sample_chats()][:6]
+        seen_threads: set[str] = set()
+        original = two._generate
+
+        def spy(*args, **kwargs):
+            seen_threads.add(threading.current_thread().name)
+            return original(*args, **kwargs)
+
+        two._generate = spy
+
+        async def together():
+            return await asyncio.gather(*(complete(two, GenerationRequest(c, GREEDY)) for c in chats))
+
+        answers = [r.text for r in run(together())]
+        assert answers == [run(complete(engine, GenerationRequest(c, GREEDY))).text for c in chats]
+        assert len(seen_threads) == 2
+    finally:
+        two.close()
+
+
+# -- translation, pure -----------------------------------------------------------------------------
+
+
+def test_resolve_files(tmp_path):
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    (tmp_path / "mmproj-m.gguf").write_bytes(b"GGUF")
+    assert resolve_files(str(tmp_path), {}) == GGUFFiles((tmp_path / "m.gguf").resolve(), (tmp_path / "mmproj-m.gguf").resolve())
+    assert resolve_files(str(tmp_path / "m.gguf"), {"mmproj": "mmproj-m.gguf"}).mmproj == (tmp_path / "mmproj-m.gguf").resolve()
+    (tmp_path / "n.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ConfigError, match="--gguf-file"):
+        resolve_files(str(tmp_path), {})
+    assert resolve_files(str(tmp_path), {"gguf_file": "n.gguf"}).model.name == "n.gguf"
+    with pytest.raises(NotFoundError, match="does not exist"):
+        resolve_files(str(tmp_path / "missing.gguf"), {})
+    with pytest.raises(NotFoundError, match="--mmproj nope.gguf"):
+        resolve_files(str(tmp_path / "m.gguf"), {"mmproj": "nope.gguf"})
+    with pytest.raises(ConfigError, match="--gguf-file"):
+        resolve_files("ggml-org/pixtral-12b-GGUF", {})
+    fetched = []
+    files = resolve_files("org/repo-GGUF", {"gguf_file": "a.gguf", "mmproj": "mm.gguf"},
+                          download=lambda repo, name: fetched.append((repo, name)) or f"/cache/{name}")  # fmt: skip
+    assert files == GGUFFiles(Path("/cache/a.gguf"), Path("/cache/mm.gguf"))
+    assert fetched == [("org/repo-GGUF", "a.gguf"), ("org/repo-GGUF", "mm.gguf")]
+
+
+def test_family_of_metadata():
+    assert family_of({"general.name": "vlmlab-nano"}, "pixtral").name == "nano"
+    assert family_of({"general.name": "Pixtral 12B"}, "pixtral").name == "pixtral"
+    assert family_of({"general.name": "x"}, "qwen2vl_merger").name == "qwen2_vl"
+    assert family_of({}, None) is None
+    assert family_of({}, None, "qwen2_5_vl").name == "qwen2_5_vl"
+    with pytest.raises(ConfigError, match="--family"):
+        family_of({}, None, "no-such-family")
+
+
+def test_sampler_plan_masks_end_tokens_only_for_ignore_eos():
+    plan = sampler_plan(SamplingParams(temperature=0), 448, (2,))
+    assert plan.greedy and plan.logit_bias == () and plan.repeat_penalty == 1.0
+    masked = sampler_plan(SamplingParams(temperature=0, ignore_eos=True, logit_bias=((7, 2.0),)), 448, (2,))
+    assert masked.logit_bias == ((2, float("-inf")), (7, 2.0))
+    with pytest.raises(BadRequestError) as err:
+        sampler_plan(SamplingParams(logit_bias=((448, 1.0),)), 448)
+    assert err.value.param == "logit_bias"
+
+
+def test_token_text_holds_split_utf8():
+    text = TokenText()
+    encoded = "é✓".encode()
+    assert text.feed(encoded[:1]) == ""
+    assert text.feed(encoded[1:3]) == "é"
+    assert text.feed(encoded[3:]) == "✓"
+    assert text.flush() == ""
+
+
+def test_template_messages_put_the_marker_where_images_are():
+    chat = Chat.single("What?", load_images([str(SAMPLES / "color.png")]))
+    assert template_messages(chat, "<M>") == [{"role": "user", "content": [{"type": "text", "text": "<M>"}, {"type": "text", "text": "What?"}]}]
+
+
+# -- served ----------------------------------------------------------------------------------------
+
+
+def test_served_with_the_openai_client(gguf):
+    from openai import BadRequestError as OpenAIBadRequest
+    from openai import OpenAI
+    from serverutil import running_server
+
+    spec = EngineSpec(model=str(gguf.model), engine="llamacpp", extra={"mmproj": str(gguf.mmproj)})
+    image = "data:image/png;base64," + base64.b64encode((SAMPLES / "red_square.png").read_bytes()).decode()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "What colour is the shape?"}]}]
+    with running_server(ServerSettings(engines=(spec,), response_cache_entries=0)) as server:
+        client = OpenAI(base_url=server.base_url, api_key="x")
+        answer = client.chat.completions.create(model=str(gguf.model), messages=messages, temperature=0, max_tokens=8)
+        assert answer.choices[0].message.content == "red"
+        assert answer.usage.prompt_tokens == 63 and answer.usage.prompt_tokens_details.image_tokens == 54
+        stream = client.chat.completions.create(model=str(gguf.model), messages=messages, temperature=0, max_tokens=8, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "red"
+        with pytest.raises(OpenAIBadRequest, match="logprobs"):
+            client.chat.completions.create(model=str(gguf.model), messages=messages, max_tokens=4, logprobs=True)
+        broken = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgoAAAA"}}, {"type": "text", "text": "?"}]}]
+        with pytest.raises(OpenAIBadRequest):
+            client.chat.completions.create(model=str(gguf.model), messages=broken, max_tokens=4)
+        # the server still answers after the refusals
+        again = client.chat.completions.create(model=str(gguf.model), messages=messages, temperature=0, max_tokens=8)
+        assert again.choices[0].message.content == "red"
