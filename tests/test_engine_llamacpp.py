@@ -349,3 +349,12 @@ def test_served_with_the_openai_client(gguf):
         # the server still answers after the refusals
         again = client.chat.completions.create(model=str(gguf.model), messages=messages, temperature=0, max_tokens=8)
         assert again.choices[0].message.content == "red"
+
+
+def test_default_threads_leave_a_core_to_the_server():
+    from vlmlab.engines.llamacpp.translate import default_threads
+
+    assert default_threads(1, cpus=2) == 1
+    assert default_threads(2, cpus=2) == 1
+    assert default_threads(1, cpus=16) == 15
+    assert default_threads(3, cpus=16) == 5
