@@ -4,6 +4,8 @@
 #   2. vLLM through `vlmlab test-model` (answers, streaming == result, usage == count, multi-image)
 #   3. vLLM served by `vlmlab serve`, measured by `vlmlab bench` (TTFT, TPOT, tokens/s)
 #   4. transformers on CUDA with bitsandbytes NF4 (--load-in-4bit): chat, then bench
+#   5. mistral-inference (Mistral's reference code) on native Pixtral-12B-2409 (PIXTRAL=...): chat and
+#      test-model, when `pip install 'vlmlab[mistral]'` is there (a gated repo: HF_TOKEN, ~25 GB bf16)
 # Each chat prints: image tokens, prompt tokens, load time, TTFT, decode tok/s, peak memory.
 #
 # Needs an NVIDIA GPU and:  pip install -e '.[hf,server,vllm]' bitsandbytes
@@ -48,6 +50,16 @@ if python -c 'import bitsandbytes' 2>/dev/null; then
   vlmlab bench --model "$MODEL" --serve-arg=--device=cuda --serve-arg=--load-in-4bit "${BENCH[@]}" -o "$OUT/bench-hf-nf4.json"
 else
   echo "bitsandbytes is not installed (pip install bitsandbytes): skipping the hf NF4 steps"
+fi
+
+if python -c 'import mistral_inference' 2>/dev/null; then
+  PIXTRAL=${PIXTRAL:-mistralai/Pixtral-12B-2409}
+  step "mistral-inference (reference code), native checkpoint: $PIXTRAL"
+  vlmlab chat --engine mistral --model "$PIXTRAL" --image "$IMAGE" --max-tokens 64 "$QUESTION"
+  step "mistral-inference, vlmlab test-model"
+  vlmlab test-model "$PIXTRAL" --engine mistral --max-tokens 16
+else
+  echo "mistral-inference is not installed (pip install 'vlmlab[mistral]'): skipping the mistral steps"
 fi
 
 if [[ "${FP8:-0}" == 1 ]]; then  # Ada / Hopper GPUs

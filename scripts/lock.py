@@ -31,7 +31,7 @@ LOCK = REQUIREMENTS / "lock.txt"
 LOCKED_EXTRAS = ("hf", "server", "test")
 # extra -> lowest Python its packages support (vLLM >= 0.33 needs 3.11; the rest follow the
 # project's own requires-python).
-OPTIONAL_EXTRAS = {"vllm": "3.11", "mlx": "3.10", "quant": "3.10"}
+OPTIONAL_EXTRAS = {"vllm": "3.11", "mlx": "3.10", "quant": "3.10", "mistral": "3.10"}
 # The platform each extra is compared with the lock on (where its engine runs).
 LINUX_X86 = {
     "sys_platform": "linux",
@@ -42,7 +42,7 @@ LINUX_X86 = {
     "os_name": "posix",
 }
 MAC_ARM = dict(LINUX_X86, sys_platform="darwin", platform_system="Darwin", platform_machine="arm64")
-EXTRA_PLATFORMS = {"vllm": LINUX_X86, "mlx": MAC_ARM, "quant": LINUX_X86}
+EXTRA_PLATFORMS = {"vllm": LINUX_X86, "mlx": MAC_ARM, "quant": LINUX_X86, "mistral": LINUX_X86}
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)\s*(;[^\\]*)?")
 
 

@@ -138,12 +138,13 @@ def cache_dir() -> str:
     return str(constants.HF_HUB_CACHE)
 
 
-def model_in_cache(repo_id: str, revision: str | None = None) -> bool:
-    """Whether the Hugging Face cache holds ``repo_id``'s config.json (at ``revision``)."""
+def model_in_cache(repo_id: str, revision: str | None = None, filename: str = "config.json") -> bool:
+    """Whether the Hugging Face cache holds ``repo_id``'s ``filename`` (at ``revision``): its
+    config.json, or params.json for a native Mistral checkpoint."""
     from huggingface_hub import try_to_load_from_cache
 
     try:
-        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+        found = try_to_load_from_cache(repo_id, filename, revision=revision)
     except Exception:  # a malformed id ("a/b/c") is not in any cache
         return False
     return isinstance(found, str)

@@ -23,12 +23,14 @@ ENGINES.register("hf", "vlmlab.engines.hf.engine:HFEngine", aliases=("transforme
 ENGINES.register("remote", "vlmlab.engines.remote.engine:RemoteEngine", aliases=("openai", "openai-compatible"))
 ENGINES.register("vllm", "vlmlab.engines.vllm.engine:VLLMEngine")
 ENGINES.register("mlx", "vlmlab.engines.mlx.engine:MLXEngine", aliases=("mlx-vlm",))
+ENGINES.register("llamacpp", "vlmlab.engines.llamacpp.engine:LlamaCppEngine", aliases=("llama.cpp", "llama-cpp", "gguf"))
+ENGINES.register("mistral", "vlmlab.engines.mistral.engine:MistralEngine", aliases=("mistral-inference",))
 
 
 def load_engine(spec: EngineSpec) -> Engine:
     """Load ``spec.model`` with the backend named by ``spec.engine``."""
     engine = ENGINES.get(spec.engine)
-    if spec.data_parallel_size > 1 and engine.name != "hf":
+    if spec.data_parallel_size > 1 and engine.name not in ("hf", "llamacpp"):
         raise ConfigError(
             f"data_parallel_size {spec.data_parallel_size}: only the hf engine runs model copies itself; "
             f"for {engine.name} use its own option (vLLM: --data-parallel-size of vllm serve) or set 1"
@@ -47,7 +49,10 @@ def check_model(spec: EngineSpec) -> None:
     if name == "remote":
         return
     source, _ = resolve_model(spec.model, variant="hf" if name == "hf" else None)
-    hub_load_plan(spec.model, source, spec.revision)
+    if name == "llamacpp":  # a GGUF repository has no config.json; its files are fetched by name at load
+        return
+    # A native Mistral checkpoint (the mistral engine's) has params.json instead of config.json.
+    hub_load_plan(spec.model, source, spec.revision, probe="params.json" if name == "mistral" else "config.json")
 
 
 __all__ = [

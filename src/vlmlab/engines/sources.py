@@ -55,10 +55,12 @@ def known_model_names() -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def hub_load_plan(model: str, source: str, revision: str | None = None) -> bool:
+def hub_load_plan(model: str, source: str, revision: str | None = None, probe: str = "config.json") -> bool:
     """For a ``source`` that is a Hub id: whether the load must read the local cache only
     (``local_files_only``): the Hub does not answer, or offline mode is on. Asks the Hub at most
     once per process (:func:`vlmlab.hub.hub_access`). A local folder: False, nothing asked.
+    ``probe``: the file whose presence in the cache means the checkpoint is there (a native
+    Mistral checkpoint has params.json, not config.json).
 
     Raises:
         NotFoundError: the cache does not hold it and it cannot be downloaded now (one line: why,
@@ -69,7 +71,7 @@ def hub_load_plan(model: str, source: str, revision: str | None = None) -> bool:
     access = hub_access()
     if not access.cache_only:
         return False
-    if not model_in_cache(source, revision):
+    if not model_in_cache(source, revision, probe):
         raise NotFoundError(missing_message("model", model, access, known_model_names(), LOCAL_FIX))
     return True
 
