@@ -358,3 +358,19 @@ def test_default_threads_leave_a_core_to_the_server():
     assert default_threads(2, cpus=2) == 1
     assert default_threads(1, cpus=16) == 15
     assert default_threads(3, cpus=16) == 5
+
+
+def test_structured_outputs_through_llama_cpp_grammars(engine):
+    from vlmlab.protocol.core import StructuredOutput
+
+    _, chat = sample_chats()[0]
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]}}, "required": ["colour"], "additionalProperties": False}
+    as_json = run(complete(engine, GenerationRequest(chat, SamplingParams(max_tokens=40, temperature=0, structured=StructuredOutput("json_schema", json.dumps(schema))))))
+    assert json.loads(as_json.text)["colour"] in ("red", "green", "blue")
+    picked = run(complete(engine, GenerationRequest(chat, SamplingParams(max_tokens=8, temperature=0, structured=StructuredOutput("choice", json.dumps(["circle", "cube"]))))))
+    assert picked.text in ("circle", "cube")
+    with pytest.raises(BadRequestError, match="regex") as err:
+        run(complete(engine, GenerationRequest(chat, SamplingParams(max_tokens=8, structured=StructuredOutput("regex", "[a-z]+")))))
+    assert err.value.param == "response_format"
+    with pytest.raises(BadRequestError, match="could not parse the grammar"):
+        run(complete(engine, GenerationRequest(chat, SamplingParams(max_tokens=8, structured=StructuredOutput("grammar", "root ::= ((", param="structured_outputs")))))

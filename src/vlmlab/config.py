@@ -71,7 +71,7 @@ def model_target(text: str, **defaults: Any) -> tuple[str, EngineSpec]:
         url, _, model = text.partition("#")
         return text, EngineSpec(model=model or "default", engine="remote", extra={"base_url": url})
     engine, sep, model = text.partition(":")
-    if sep and engine in ("hf", "vllm", "mlx", "remote", "transformers") and model:
+    if sep and engine in ("hf", "vllm", "mlx", "remote", "transformers", "llamacpp", "mistral") and model:
         return text, EngineSpec(model=model, engine=engine, **defaults)
     return text, EngineSpec(model=text, **defaults)
 

@@ -22,7 +22,7 @@ def eval_command(
     model: Annotated[list[str], typer.Option("--model", "-m", help="Model(s): nano, preset, hub id, path. Repeatable or comma-separated.")],
     dataset: Annotated[list[str], typer.Option("--dataset", "-d", help=f"Dataset key(s): {', '.join(DATASETS.names())}.")],
     output_dir: Annotated[Path, typer.Option(help="Results folder (resumes what is already there).")] = Path("outputs/vlm_results"),
-    engine: Annotated[str, typer.Option(help="hf, vllm, mlx or remote.")] = "hf",
+    engine: Annotated[str, typer.Option(help="hf, llamacpp (a GGUF file, or a folder with one model GGUF and its mmproj), vllm, mlx, mistral or remote.")] = "hf",
     base_url: Annotated[str | None, typer.Option(help="For --engine remote.")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="VLMLAB_REMOTE_API_KEY")] = None,
     batch_size: Annotated[int, typer.Option(help="Requests the engine decodes together.")] = 8,

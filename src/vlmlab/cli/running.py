@@ -357,7 +357,7 @@ def _listening_socket(host: str, port: int) -> socket.socket:
 @app.command("test-model")
 def test_model_command(
     model: Annotated[str, typer.Argument(help="nano, a family preset, a hub id or a path.")] = "nano",
-    engine: Annotated[str, typer.Option(help="Backend.")] = "hf",
+    engine: Annotated[str, typer.Option(help="Backend: hf, llamacpp, vllm, mlx, mistral or remote.")] = "hf",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     trust_remote_code: Annotated[bool, typer.Option()] = False,
     max_tokens: Annotated[int, typer.Option()] = 16,

@@ -47,6 +47,7 @@ from vlmlab.engines.llamacpp.translate import (
     resized_size,
     resolve_files,
     sampler_plan,
+    structured_grammar,
     template_messages,
 )
 from vlmlab.engines.stops import StopText
@@ -277,7 +278,12 @@ class LlamaCppEngine(Engine):
             raise EngineUnavailableError("the llamacpp engine is closed")
         start = time.perf_counter()
         self._check(request.chat, request.processor_options)
-        plan = sampler_plan(request.sampling, self.n_vocab, self.end_tokens)
+        from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+        grammar = structured_grammar(request.sampling.structured, json_schema_to_gbnf)
+        plan = sampler_plan(request.sampling, self.n_vocab, self.end_tokens, grammar)
+        if grammar is not None:  # refused now (a 400) rather than failing on the pool thread
+            self._lib.llama_sampler_free(_grammar_sampler(self._lib, self._vocab, grammar, request.sampling.structured))
         self.counters["requests"] += 1
         caller = asyncio.get_running_loop()
         items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -359,7 +365,7 @@ class LlamaCppEngine(Engine):
             prompt.free()
         prefilled = time.perf_counter()
         per_image = self._image_tokens(request.chat)
-        chain = _sampler_chain(lib, plan, self.n_vocab)
+        chain = _sampler_chain(lib, plan, self.n_vocab, self._vocab, sampling.structured)
         stop = StopText(sampling.stop)
         decoder = TokenText()
         generated = pending = 0
@@ -547,13 +553,22 @@ def _compile_template(source: str | None) -> Any:
     return environment.from_string(source)
 
 
-def _sampler_chain(lib: Any, plan: SamplerPlan, n_vocab: int) -> Any:
+def _grammar_sampler(lib: Any, vocab: Any, grammar: str, structured: Any) -> Any:
+    sampler = lib.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+    if not sampler:
+        raise BadRequestError(f"llama.cpp could not parse the grammar for {structured.param}", param=structured.param)
+    return sampler
+
+
+def _sampler_chain(lib: Any, plan: SamplerPlan, n_vocab: int, vocab: Any, structured: Any) -> Any:
     chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
     if plan.logit_bias:
         biases = (lib.llama_logit_bias * len(plan.logit_bias))(*(lib.llama_logit_bias(t, b) for t, b in plan.logit_bias))
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_logit_bias(n_vocab, len(plan.logit_bias), biases))
     if plan.repeat_penalty != 1.0 or plan.frequency_penalty or plan.presence_penalty:
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_penalties(-1, plan.repeat_penalty, plan.frequency_penalty, plan.presence_penalty))
+    if plan.grammar is not None:
+        lib.llama_sampler_chain_add(chain, _grammar_sampler(lib, vocab, plan.grammar, structured))
     if plan.greedy:
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
         return chain

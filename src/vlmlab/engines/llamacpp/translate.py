@@ -8,6 +8,7 @@ Everything here is plain Python (no ``llama_cpp`` import), so it is tested on an
 from __future__ import annotations
 
 import codecs
+import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmlab.families import Family, get_family
-from vlmlab.protocol.core import Chat, FinishReason, ImagePart, SamplingParams
+from vlmlab.protocol.core import Chat, FinishReason, ImagePart, SamplingParams, StructuredOutput
 from vlmlab.protocol.errors import BadRequestError, ConfigError, NotFoundError, VlmlabError
 
 INSTALL_HINT = (
@@ -162,15 +163,43 @@ def family_prompt(family: Family, chat: Chat, marker: str) -> str:
 
 
 # The request fields llama.cpp's samplers honour beyond temperature / top-p / top-k / stop / seed.
-FEATURES = frozenset({"penalties", "logit_bias"})
+FEATURES = frozenset({"penalties", "logit_bias", "structured_outputs"})
+
+
+def structured_grammar(structured: StructuredOutput | None, json_schema_to_gbnf: Callable[[str], str]) -> str | None:
+    """The GBNF grammar (llama.cpp's grammar sampler) for a structured-output request:
+    ``json_schema`` / ``json_object`` through llama-cpp-python's ``json_schema_to_gbnf``, ``choice``
+    as alternatives of literal strings, ``grammar`` taken as GBNF.
+
+    Raises:
+        BadRequestError: ``regex`` (llama.cpp has no regex constraint), or a schema it cannot convert.
+    """
+    if structured is None:
+        return None
+    if structured.kind == "regex":
+        raise BadRequestError(
+            "a regex constraint is not supported by the llamacpp engine (llama.cpp constrains with "
+            "grammars): use a JSON schema, a choice or a GBNF grammar", param=structured.param,
+        )  # fmt: skip
+    if structured.kind == "choice":
+        choices = json.loads(structured.spec)
+        return "root ::= " + " | ".join(json.dumps(str(c), ensure_ascii=True) for c in choices)
+    if structured.kind == "grammar":
+        return structured.spec
+    schema = structured.spec if structured.kind == "json_schema" else '{"type": "object"}'
+    try:
+        return json_schema_to_gbnf(schema)
+    except Exception as exc:  # noqa: BLE001 - its converter raises plain exceptions
+        raise BadRequestError(f"llama.cpp cannot turn this JSON schema into a grammar: {exc}", param=structured.param) from exc
 
 
 @dataclass(frozen=True)
 class SamplerPlan:
-    """llama.cpp's sampler chain for one request, in its order: logit bias, penalties, then
-    greedy, or top-k, top-p, temperature and a seeded draw."""
+    """llama.cpp's sampler chain for one request, in its order: logit bias, penalties, the
+    grammar, then greedy, or top-k, top-p, temperature and a seeded draw."""
 
     greedy: bool
+    grammar: str | None
     temperature: float
     top_k: int
     top_p: float
@@ -181,7 +210,7 @@ class SamplerPlan:
     presence_penalty: float
 
 
-def sampler_plan(sampling: SamplingParams, n_vocab: int, end_tokens: tuple[int, ...] = ()) -> SamplerPlan:
+def sampler_plan(sampling: SamplingParams, n_vocab: int, end_tokens: tuple[int, ...] = (), grammar: str | None = None) -> SamplerPlan:
     """``sampling`` as llama.cpp samplers. ``repeat_penalty`` is 1.0 unless the request asks
     (llama-cpp-python's own default is 1.1, which changes greedy answers); ``ignore_eos`` masks
     ``end_tokens`` with a -inf bias.
@@ -197,6 +226,7 @@ def sampler_plan(sampling: SamplingParams, n_vocab: int, end_tokens: tuple[int, 
         bias.update({token: float("-inf") for token in end_tokens})
     return SamplerPlan(
         greedy=sampling.temperature == 0.0,
+        grammar=grammar,
         temperature=sampling.temperature,
         top_k=sampling.top_k,
         top_p=sampling.top_p,
