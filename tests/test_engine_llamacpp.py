@@ -374,3 +374,18 @@ def test_structured_outputs_through_llama_cpp_grammars(engine):
     assert err.value.param == "response_format"
     with pytest.raises(BadRequestError, match="could not parse the grammar"):
         run(complete(engine, GenerationRequest(chat, SamplingParams(max_tokens=8, structured=StructuredOutput("grammar", "root ::= ((", param="structured_outputs")))))
+
+
+def test_a_prompt_that_starts_with_an_image_after_an_earlier_request(gguf, engine):
+    """A template override whose prompt opens with the image: the previous request's KV cells
+    must be gone before mtmd decodes the image at position 0."""
+    template = "{% for m in messages %}{% for p in m.content %}{{ p.text }}{% endfor %}{% endfor %}[/INST]"
+    eng = load_engine(EngineSpec(model=str(gguf.model), engine="llamacpp", extra={"mmproj": str(gguf.mmproj), "chat_template": template}))
+    try:
+        chat = Chat.single("What colour is the shape?", load_images([str(SAMPLES / "red_square.png")]))
+        answers = [run(complete(eng, GenerationRequest(chat, GREEDY))) for _ in range(3)]
+        usual = run(complete(engine, GenerationRequest(chat, GREEDY)))  # <s>[INST] first
+        assert {a.text for a in answers} == {usual.text}
+        assert answers[0].prompt_tokens == usual.prompt_tokens - 2 and answers[0].image_tokens == usual.image_tokens
+    finally:
+        eng.close()

@@ -125,7 +125,7 @@ class LlamaCppEngine(Engine):
         self.max_images = (family.max_images if family else 8) if files.mmproj else 0
         self.capabilities = dataclasses.replace(type(self).capabilities, max_images=self.max_images, images=bool(files.mmproj))  # type: ignore[misc]
         self.marker = mtmd.mtmd_default_marker().decode("utf-8")
-        self.template = _compile_template(metadata.get("tokenizer.chat_template"))
+        self.template = _compile_template(_template_source(spec.extra.get("chat_template")) or metadata.get("tokenizer.chat_template"))
         vocab = llama_cpp.llama_model_get_vocab(first.model)
         self._vocab = vocab
         self.end_tokens = tuple(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t))
@@ -412,6 +412,9 @@ class LlamaCppEngine(Engine):
         (which encodes them with the projector and decodes the embeddings)."""
         lib, mtmd, llama = self._lib, self._mtmd, copy.llama
         llama.reset()
+        # Drop the previous request's KV cells: Llama.eval trims them only when it runs, so a
+        # prompt whose first chunk is an image would meet a dirty cache (mtmd status -1).
+        lib.llama_memory_clear(lib.llama_get_memory(llama.ctx), False)
         if prompt.text_tokens is not None:
             llama.eval(prompt.text_tokens)
             return
@@ -502,6 +505,9 @@ def _load_copy(llama_cpp: Any, mtmd: Any, files: GGUFFiles, spec: EngineSpec, th
         params.n_threads = threads
         params.print_timings = False
         params.warmup = False
+        # The vision encoder's attention as the language model's (as llama-cpp-python's own chat
+        # handler sets it); mtmd's AUTO picks flash attention, whose rounding differs.
+        params.flash_attn_type = llama.context_params.flash_attn_type
         mtmd_ctx = mtmd.mtmd_init_from_file(str(files.mmproj).encode(), llama.model, params)
         if not mtmd_ctx:
             llama.close()
@@ -536,6 +542,17 @@ def _projector_type(mmproj: Path | None) -> str | None:
         return None
     field = GGUFReader(str(mmproj)).fields.get("clip.projector_type")
     return str(field.contents()) if field is not None else None
+
+
+def _template_source(value: Any) -> str | None:
+    """``extra["chat_template"]``: a Jinja template, or a file holding one (llama.cpp's
+    ``--chat-template-file``), used instead of the GGUF's own."""
+    if not value:
+        return None
+    text = str(value)
+    if "{" not in text and Path(text).expanduser().is_file():
+        return Path(text).expanduser().read_text(encoding="utf-8")
+    return text
 
 
 def _compile_template(source: str | None) -> Any:
