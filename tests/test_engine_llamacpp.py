@@ -389,3 +389,17 @@ def test_a_prompt_that_starts_with_an_image_after_an_earlier_request(gguf, engin
         assert answers[0].prompt_tokens == usual.prompt_tokens - 2 and answers[0].image_tokens == usual.image_tokens
     finally:
         eng.close()
+
+
+def test_auto_copies_for_a_small_gguf(gguf):
+    from vlmlab.engines.copies import available_cpus
+
+    auto = load_engine(EngineSpec(model=str(gguf.model), engine="llamacpp", data_parallel_size="auto", extra={"mmproj": str(gguf.mmproj)}))
+    try:
+        details = auto.info().details
+        assert details["copies"] == min(available_cpus(), 8) and details["threads_per_copy"] >= 1
+        assert "small" in details["copies_reason"]
+    finally:
+        auto.close()
+    remote = EngineSpec(engine="remote", data_parallel_size="auto", extra={"base_url": "http://127.0.0.1:9/v1"})
+    assert remote.data_parallel_size == "auto"  # load_engine gives the remote engine 1: its server parallelises

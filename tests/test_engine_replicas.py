@@ -190,11 +190,45 @@ def test_a_dead_replica_fails_its_requests_and_the_rest_goes_on() -> None:
 
 
 def test_bad_data_parallel_settings_are_refused_with_the_fix() -> None:
-    with pytest.raises(ConfigError, match="data_parallel_size must be a whole number >= 1, got 0"):
+    with pytest.raises(ConfigError, match="data_parallel_size must be a whole number >= 1 or auto, got 0"):
         EngineSpec(data_parallel_size=0)
-    with pytest.raises(ConfigError, match="only the hf engine"):
+    with pytest.raises(ConfigError, match="only the hf and llamacpp engines"):
         load_engine(EngineSpec(engine="remote", data_parallel_size=2, extra={"base_url": "http://example.com/v1"}))
     assert server_settings({"data_parallel_size": 3}).engines[0].data_parallel_size == 3
+    assert server_settings({"data_parallel_size": "auto"}).engines[0].data_parallel_size == "auto"
+    assert EngineSpec(data_parallel_size="2").data_parallel_size == 2  # a flag's text
+    with pytest.raises(ConfigError, match="or auto, got 'some'"):
+        EngineSpec(data_parallel_size="some")
+
+
+def test_auto_copies_rule() -> None:
+    from vlmlab.engines.copies import plan_copies
+
+    small, big = 10 * 2**20, 8 * 2**30
+    rule = {"per_copy_bytes": 2**30, "small_bytes": 400 * 2**20}
+    two = plan_copies(small, on_gpu=False, cpus=2, memory=16 * 2**30, **rule)
+    assert (two.copies, two.threads) == (2, 1) and "small" in two.reason
+    assert plan_copies(big, on_gpu=False, cpus=16, memory=64 * 2**30, **rule).copies == 1
+    assert plan_copies(small, on_gpu=True, cpus=16, memory=64 * 2**30, **rule).copies == 1
+    assert plan_copies(None, on_gpu=False, cpus=16, memory=64 * 2**30, **rule).copies == 1
+    tight = plan_copies(small, on_gpu=False, cpus=8, memory=3 * 2**30, **rule)
+    assert tight.copies == 3 and "memory" in tight.reason
+    many = plan_copies(small, on_gpu=False, cpus=64, memory=2**40, max_copies=8, **rule)
+    assert (many.copies, many.threads) == (8, 7)
+
+
+def test_auto_on_nano_runs_a_copy_per_cpu_and_says_why() -> None:
+    from vlmlab.engines.copies import available_cpus, available_memory
+
+    engine = load_engine(EngineSpec(model="nano", device="cpu", data_parallel_size="auto"))
+    try:
+        details = engine.info().details
+        expected = min(available_cpus(), 8, max(1, (available_memory() or 2**40) // (700 * 2**20 + 10 * 2**20)))
+        assert details["data_parallel_size"] == expected
+        assert "small" in details["copies_reason"] or "CPU" in details["copies_reason"]
+        assert details["torch_threads"] == 1
+    finally:
+        engine.close()
 
 
 def _descendants(pid: int) -> set[int]:

@@ -29,8 +29,10 @@ class EngineSpec:
         trust_remote_code: allow the checkpoint's own Python code (Phi-3.5-vision needs it).
         revision: hub revision (branch, tag or commit).
         max_batch_size: requests decoded together.
-        data_parallel_size: copies of the model decoding side by side (hf engine: the extra
-            copies run in their own processes; on a CPU each takes a core).
+        data_parallel_size: copies of the model decoding side by side (hf: the extra copies in
+            processes of their own; llamacpp: contexts on threads of their own), or ``"auto"``:
+            chosen at load from the weights' size, the device and the cores
+            (:mod:`vlmlab.engines.copies`).
         max_model_len: context limit to enforce; default: the model's.
         processor_options: defaults for the processor (``num_crops``, ``max_pixels``...).
         preprocess_cache_bytes: budget of the content-addressed cache of processed images
@@ -45,7 +47,7 @@ class EngineSpec:
     trust_remote_code: bool = False
     revision: str | None = None
     max_batch_size: int = 16
-    data_parallel_size: int = 1
+    data_parallel_size: int | str = 1  # or "auto": chosen at load (vlmlab.engines.copies)
     max_model_len: int | None = None
     processor_options: Mapping[str, Any] = field(default_factory=dict)
     preprocess_cache_bytes: int = 256 * 2**20
@@ -58,8 +60,24 @@ class EngineSpec:
             raise ConfigError(f"unknown dtype {self.dtype!r}; use auto, bf16, fp16 or fp32")
         if self.max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
-        if not isinstance(self.data_parallel_size, int) or self.data_parallel_size < 1:
-            raise ConfigError(f"data_parallel_size must be a whole number >= 1, got {self.data_parallel_size!r}")
+        object.__setattr__(self, "data_parallel_size", parse_data_parallel_size(self.data_parallel_size))
+
+
+def parse_data_parallel_size(value: object) -> int | str:
+    """``"auto"`` or a whole number >= 1 (a flag's text, a config file's value, or code's).
+
+    Raises:
+        ConfigError: anything else, naming the value.
+    """
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        if text.isdigit():
+            value = int(text)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ConfigError(f"data_parallel_size must be a whole number >= 1 or auto, got {value!r}", param="data_parallel_size")
 
 
 def model_target(text: str, **defaults: Any) -> tuple[str, EngineSpec]:

@@ -141,7 +141,7 @@ def serve(
     trust_remote_code: Annotated[bool | None, typer.Option("--trust-remote-code/--no-trust-remote-code")] = None,
     max_model_len: Annotated[int | None, typer.Option()] = None,
     max_batch_size: Annotated[int | None, typer.Option(help="Requests decoded together.")] = None,
-    data_parallel_size: Annotated[int | None, typer.Option("--data-parallel-size", "-dp", help="hf engine: copies of the model decoding side by side, each in its own process (on a CPU: up to one per core); llamacpp: llama.cpp contexts on threads of their own.")] = None,
+    data_parallel_size: Annotated[str | None, typer.Option("--data-parallel-size", "-dp", help="Copies of the model decoding side by side (hf: each in its own process; llamacpp: contexts on threads of their own), or auto (the default): from the weights' size, the device and the cores; the start-up line says what it chose and why.")] = None,
     max_images: Annotated[int | None, typer.Option(help="Images per request.")] = None,
     max_image_bytes: Annotated[str | None, typer.Option(help="Per-image byte cap, e.g. 20MiB.")] = None,
     max_image_pixels: Annotated[int | None, typer.Option(
@@ -184,6 +184,8 @@ def serve(
 
     file_settings = read_config_file(config) if config else None
     first, *more = model or [None]
+    if data_parallel_size is None and "data_parallel_size" not in (file_settings or {}):
+        data_parallel_size = "auto"
     settings = server_settings(
         file_settings,
         extra=gguf_extra(
@@ -324,6 +326,7 @@ def local_app(settings: Any, sock: socket.socket) -> Any:
                 check_model(chain.specs[0])
         for chain in chains:
             chain.start()
+            copies_line(chain.current())
     except KeyboardInterrupt:  # Ctrl-C while a model loads: a quiet stop
         sock.close()
         return None
@@ -331,6 +334,18 @@ def local_app(settings: Any, sock: socket.socket) -> Any:
         sock.close()
         raise
     return create_app(settings, chains[0], chains[1:])
+
+
+def copies_line(engine: Any) -> None:
+    """One line on how many copies of the model run and why (``--data-parallel-size``)."""
+    info = engine.info()
+    details = info.details or {}
+    copies = details.get("data_parallel_size", details.get("copies"))
+    reason = details.get("copies_reason")
+    if copies and reason:
+        threads = details.get("threads_per_copy", details.get("torch_threads"))
+        each = f", {threads} thread{'s' if threads != 1 else ''} each" if threads else ""
+        console.print(f"[bold]vlmlab serve[/bold] {info.model} ({info.engine}): {copies} cop{'ies' if copies != 1 else 'y'}{each}: {reason}", highlight=False)
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:

@@ -6,6 +6,8 @@ vLLM; each backend imports its heavy library only when it loads.
 
 from __future__ import annotations
 
+import dataclasses
+
 from vlmlab.config import EngineSpec
 from vlmlab.engines.base import (
     Capabilities,
@@ -30,9 +32,11 @@ ENGINES.register("mistral", "vlmlab.engines.mistral.engine:MistralEngine", alias
 def load_engine(spec: EngineSpec) -> Engine:
     """Load ``spec.model`` with the backend named by ``spec.engine``."""
     engine = ENGINES.get(spec.engine)
-    if spec.data_parallel_size > 1 and engine.name not in ("hf", "llamacpp"):
+    if spec.data_parallel_size == "auto" and engine.name not in ("hf", "llamacpp"):
+        spec = dataclasses.replace(spec, data_parallel_size=1)  # the others parallelise inside
+    if spec.data_parallel_size != 1 and engine.name not in ("hf", "llamacpp"):
         raise ConfigError(
-            f"data_parallel_size {spec.data_parallel_size}: only the hf engine runs model copies itself; "
+            f"data_parallel_size {spec.data_parallel_size}: only the hf and llamacpp engines run model copies themselves; "
             f"for {engine.name} use its own option (vLLM: --data-parallel-size of vllm serve) or set 1"
         )
     return engine.load(spec)

@@ -8,6 +8,7 @@ against the processor's real expansion for each request.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from vlmlab.engines.base import (
     GenerationRequest,
     PromptCount,
 )
+from vlmlab.engines.copies import CopyPlan, folder_weight_bytes, plan_copies
 from vlmlab.engines.hf.preprocess import RequestPreprocessor
 from vlmlab.engines.hf.prompt import PromptEncoder, fast_decode, to_hf_messages, token_span_bound
 from vlmlab.engines.quantization import hf_quantization
@@ -172,6 +174,7 @@ class HFEngine(Engine):
         )
         self.batcher = Batcher(self._run_batch, spec.max_batch_size, decoder=decoder)
         self.replicas: list[Any] = []  # data-parallel copies in other processes (replicas.py)
+        self.copies_reason = "as asked (--data-parallel-size)"
         self.local_load = 0  # requests decoding in this process
         self.local_submitted = 0
 
@@ -209,6 +212,8 @@ class HFEngine(Engine):
             # family rule does not know fails here, before the weights load, not per request.
             family.resolve_options(spec.processor_options)
         device = cls._pick_device(spec.device)
+        plan = _copy_plan(spec, source, family, device)
+        spec = dataclasses.replace(spec, data_parallel_size=plan.copies)
         replicas: list[Any] = []
         if spec.data_parallel_size > 1 and not replica:
             from vlmlab.engines.hf.replicas import start_replicas
@@ -247,6 +252,7 @@ class HFEngine(Engine):
             default_threads = 1 if params < 100_000_000 else max(1, (os.cpu_count() or 1) // spec.data_parallel_size)
             torch.set_num_threads(int(spec.extra.get("torch_threads", default_threads)))
             engine = cls(spec, model, processor, family, spec.model, device, quant.label(dtype), time.perf_counter() - start)
+            engine.copies_reason = plan.reason
         except BaseException:  # the replicas would otherwise outlive a failed load
             for started in replicas:
                 started.close()
@@ -622,11 +628,19 @@ class HFEngine(Engine):
             },
         )
 
+    @staticmethod
+    def _threads() -> int:
+        import torch
+
+        return torch.get_num_threads()
+
     def _replica_details(self) -> dict[str, Any]:
         if not self.replicas:
-            return {}
+            return {"data_parallel_size": 1, "copies_reason": self.copies_reason, "torch_threads": self._threads()}
         return {
             "data_parallel_size": 1 + len(self.replicas),
+            "copies_reason": self.copies_reason,
+            "torch_threads": self._threads(),
             "replicas": [{"index": 0, "alive": True, "load": self.local_load, "requests": self.local_submitted}]
             + [
                 {"index": r.index, "alive": r.alive, "load": r.load, "requests": r.submitted, **({} if r.alive else {"problem": r.problem})}
@@ -654,3 +668,23 @@ def load_replica(spec: EngineSpec) -> HFEngine:
     :func:`~vlmlab.engines.hf.replicas.start_replicas` rather than imported there: the engine
     imports the replicas module, so it must not import the engine back."""
     return HFEngine.load(spec, replica=True)
+
+
+# A copy of an hf model is a whole Python process with torch: about this much beside its weights.
+_PROCESS_BYTES = 700 * 2**20
+# Up to here (fp32 bytes: 100M parameters) a model is dispatch-bound on a CPU: copies beat threads.
+_SMALL_WEIGHTS = 400 * 2**20
+
+
+def _copy_plan(spec: EngineSpec, source: str, family: Family | None, device: str) -> CopyPlan:
+    """``spec.data_parallel_size``, or for ``"auto"`` the copies :func:`plan_copies` chooses from
+    the checkpoint's weight files (or its family record's parameter count)."""
+    if spec.data_parallel_size != "auto":
+        return CopyPlan(int(spec.data_parallel_size), None, "as asked (--data-parallel-size)")
+    weights = folder_weight_bytes(source)
+    if weights is None and family is not None:
+        try:
+            weights = family.checkpoint(source).weight_bytes("fp32")
+        except VlmlabError:
+            weights = None
+    return plan_copies(weights, on_gpu=device != "cpu", per_copy_bytes=_PROCESS_BYTES + (weights or 0), small_bytes=_SMALL_WEIGHTS)

@@ -34,6 +34,7 @@ from typing import Any
 
 from vlmlab.config import EngineSpec
 from vlmlab.engines.base import Capabilities, Engine, EngineInfo, GenerationRequest, PromptCount
+from vlmlab.engines.copies import CopyPlan, folder_weight_bytes, plan_copies
 from vlmlab.engines.llamacpp.translate import (
     FEATURES,
     INSTALL_HINT,
@@ -136,6 +137,7 @@ class LlamaCppEngine(Engine):
         self._copies = copies
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(copies), thread_name_prefix="vlmlab-llamacpp")
         self.counters = {"requests": 0, "cancelled": 0}
+        self.copies_reason = "as asked (--data-parallel-size)"
         self._closed = False
 
     # -- loading --------------------------------------------------------------------------------
@@ -159,13 +161,19 @@ class LlamaCppEngine(Engine):
         if spec.device == "mps":
             raise ConfigError("the llamacpp engine offloads to CUDA or Metal through its own build; use --device auto or cpu")
         files = _files(spec)
-        copies_n = spec.data_parallel_size
-        threads = int(spec.extra.get("n_threads") or default_threads(copies_n))
         gpu_layers = 0
         if spec.device in ("auto", "cuda") and llama_cpp.llama_supports_gpu_offload():
             gpu_layers = -1
         elif spec.device == "cuda":
             raise ConfigError("--device cuda: this llama-cpp-python was built without GPU offload (rebuild with CMAKE_ARGS=-DGGML_CUDA=on)")
+        if spec.data_parallel_size == "auto":
+            weights = sum(folder_weight_bytes(p) or 0 for p in (files.model, files.mmproj) if p is not None)
+            # A copy's own memory is its KV cache and compute buffers: the weights are mmapped once.
+            plan = plan_copies(weights, on_gpu=gpu_layers != 0, per_copy_bytes=256 * 2**20, small_bytes=2**30)
+        else:
+            plan = CopyPlan(int(spec.data_parallel_size), None, "as asked (--data-parallel-size)")
+        copies_n = plan.copies
+        threads = int(spec.extra.get("n_threads") or plan.threads or default_threads(copies_n))
         _quiet(llama_cpp, mtmd)
         start = time.perf_counter()
         copies = []
@@ -181,7 +189,9 @@ class LlamaCppEngine(Engine):
         family = family_of(metadata, projector, spec.extra.get("family"))
         if family is None:
             logger.warning("llamacpp: no vlmlab family for %s (pass --family): images are not resized by a family rule", files.model.name)
-        return cls(spec, files, copies, family, threads, time.perf_counter() - start, metadata)
+        engine = cls(spec, files, copies, family, threads, time.perf_counter() - start, metadata)
+        engine.copies_reason = plan.reason
+        return engine
 
     # -- prompts ---------------------------------------------------------------------------------
 
@@ -448,6 +458,7 @@ class LlamaCppEngine(Engine):
                 "gguf": str(self.files.model),
                 "mmproj": str(self.files.mmproj) if self.files.mmproj else None,
                 "copies": len(self._copies),
+                "copies_reason": self.copies_reason,
                 "threads_per_copy": self.threads,
                 **self.counters,
             },
