@@ -337,7 +337,7 @@ def test_served_with_the_openai_client(gguf):
     with running_server(ServerSettings(engines=(spec,), response_cache_entries=0)) as server:
         client = OpenAI(base_url=server.base_url, api_key="x")
         answer = client.chat.completions.create(model=str(gguf.model), messages=messages, temperature=0, max_tokens=8)
-        assert answer.choices[0].message.content == "red"
+        assert answer.choices[0].message.content == "red", answer
         assert answer.usage.prompt_tokens == 63 and answer.usage.prompt_tokens_details.image_tokens == 54
         stream = client.chat.completions.create(model=str(gguf.model), messages=messages, temperature=0, max_tokens=8, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "red"

@@ -72,6 +72,11 @@ def test_run_score_and_summary_files(tmp_path: Path) -> None:
     assert summary["metric"] == "exact_match" and summary["metric_mode"] == get_dataset("synth").default_mode
     assert set(summary["by_category"]) <= set(__import__("vlmlab.nano.tasks", fromlist=["TASKS"]).TASKS)
     assert summary["tokens"]["image_tokens"] > 0 and summary["versions"]["transformers"]
+    # two timings, each named for what it is: samples overlap, so their latencies add up to more
+    # than the run's wall time, and the rate is answered / wall time
+    run = summary["run"]
+    assert run["wall_seconds"] > 0 and run["samples_per_second"] == round(20 / run["wall_seconds"], 3)
+    assert summary["latency_seconds_sum"] > 0 and "generation_seconds" not in summary
     record = read_records(tmp_path / "nano" / "synth.jsonl")[0]
     assert "<image>" in record["prompt"] and record["generation"]["temperature"] == 0.0
     again = run_eval(config)[0]  # everything is done: nothing answered twice

@@ -26,7 +26,8 @@ def eval_command(
     base_url: Annotated[str | None, typer.Option(help="For --engine remote.")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="VLMLAB_REMOTE_API_KEY")] = None,
     batch_size: Annotated[int, typer.Option(help="Requests the engine decodes together.")] = 8,
-    concurrency: Annotated[int | None, typer.Option(help="Requests in flight (default 2 x batch size).")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Requests in flight (default 2 x batch size, per copy).")] = None,
+    data_parallel_size: Annotated[str, typer.Option("--data-parallel-size", "-dp", help="Copies of the model answering side by side, or auto (default): as vlmlab serve chooses them.")] = "auto",
     limit: Annotated[int | None, typer.Option(help="First K samples of each dataset.")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Override the dataset's generation budget.")] = None,
     seed: Annotated[int, typer.Option()] = 0,
@@ -47,6 +48,7 @@ def eval_command(
     workers: Annotated[int, typer.Option(help="--ray: model copies (Ray actors), one CPU each.")] = 2,
 ) -> None:
     """Score models on benchmarks; crash-safe (one JSON line per sample) and resumable."""
+    from vlmlab.config import parse_data_parallel_size
     from vlmlab.eval.answer_format import read_answer_schemas
     from vlmlab.eval.runner import EvalConfig, run_eval
     from vlmlab.eval.scoring import markdown_table
@@ -60,6 +62,7 @@ def eval_command(
         models=split(model), datasets=split(dataset), output_dir=output_dir, engine=engine,
         base_url=base_url, api_key=api_key, device=device, dtype=dtype,
         trust_remote_code=trust_remote_code, batch_size=batch_size, concurrency=concurrency,
+        data_parallel_size=parse_data_parallel_size(data_parallel_size),
         limit=limit, max_tokens=max_tokens, seed=seed, prompt_profile=prompt_profile,
         metric_mode=metric_mode, data_dir=data_dir, progress=progress,
         judge_url=judge_url, judge_model=judge_model, judge_api_key=judge_api_key,

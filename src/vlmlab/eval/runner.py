@@ -48,6 +48,8 @@ class EvalConfig:
     trust_remote_code: bool = False
     batch_size: int = 8
     concurrency: int | None = None
+    # copies of the model answering side by side (hf: processes; "auto": vlmlab.engines.copies)
+    data_parallel_size: int | str = 1
     limit: int | None = None
     max_tokens: int | None = None
     seed: int = 0
@@ -91,6 +93,8 @@ class EvalConfig:
             dtype=self.dtype,  # type: ignore[arg-type]
             trust_remote_code=self.trust_remote_code,
             max_batch_size=self.batch_size,
+            # Ray workers are the copies there: each actor holds one.
+            data_parallel_size=1 if self.ray else self.data_parallel_size,
             processor_options=dict(self.processor_options),
             extra=extra,
         )
@@ -347,7 +351,9 @@ async def _answer_here(
     write: Callable[[list[dict[str, Any]]], None],
 ) -> None:
     """Read the samples in this process, build their prompts here, send each to ``engine``."""
-    gate = asyncio.Semaphore(config.concurrency or max(1, config.batch_size * 2))
+    details = engine.info().details or {}
+    copies = int(details.get("data_parallel_size") or details.get("copies") or 1)
+    gate = asyncio.Semaphore(config.concurrency or max(1, config.batch_size * 2 * copies))
     fatal: list[BaseException] = []
 
     async def answer(sample: EvalSample, prompt: SamplePrompt) -> None:
@@ -497,7 +503,11 @@ def run_eval(config: EvalConfig) -> list[dict[str, Any]]:
                 # Only this run's answer format: a results file may also hold answers given the other way.
                 records = read_records(run.path, config.response_format)
                 summary = summarize(spec, records, config.metric_mode, dict(info), judge)
-                summary["run"] = {"answered_now": run.answered, "resumed_from": run.done_before, "errors_now": run.errors, "seconds": round(run.seconds, 3)}
+                summary["run"] = {
+                    "answered_now": run.answered, "resumed_from": run.done_before, "errors_now": run.errors,
+                    "wall_seconds": round(run.seconds, 3),
+                    "samples_per_second": round(run.answered / run.seconds, 3) if run.seconds > 0 else None,
+                }  # fmt: skip
                 summary["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items() if k != "judge_api_key"}
                 if hasattr(engine, "cluster"):  # a Ray run: where it ran
                     summary["cluster"] = {**engine.cluster(), "samples_read_by": run.samples_read_by}

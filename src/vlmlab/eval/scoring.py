@@ -156,7 +156,10 @@ def summarize(spec: DatasetSpec, records: Iterable[Mapping[str, Any]], mode: str
         "by_category": {k: sum(v) / len(v) for k, v in sorted(by_category.items())},
         "aggregate": aggregate(spec, ordered, scores),
         "tokens": {k: sum(u.get(k, 0) for u in usage) for k in ("prompt_tokens", "image_tokens", "completion_tokens")},
-        "generation_seconds": round(total_s, 3),
+        # The sum of every sample's own latency (request start -> last token): samples that ran
+        # together overlap in it, so it exceeds the wall time; the run's wall time and rate are
+        # run.wall_seconds / run.samples_per_second.
+        "latency_seconds_sum": round(total_s, 3),
         "prompt_profile": ordered[0].get("prompt_profile") if ordered else None,
         "response_format": ordered[0].get("response_format", "text") if ordered else None,
         "generation": ordered[0].get("generation") if ordered else None,
