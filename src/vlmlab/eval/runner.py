@@ -154,10 +154,18 @@ def jsonable(value: Any) -> Any:
 
 
 class ResultsFile:
-    """Append-only JSONL of sample results; tolerates a torn last line from a killed run."""
+    """Append-only JSONL of sample results; tolerates a torn last line from a killed run.
 
-    def __init__(self, path: Path):
+    Every record is flushed to the operating system as it is written, so a killed process
+    (Ctrl-C, SIGKILL, an OOM kill) loses nothing. fsync, which only matters if the machine itself
+    goes down, runs at most once per ``sync_interval_s`` and on close: one per record cost 12 ms
+    here, 38% of a nano eval's wall time.
+    """
+
+    def __init__(self, path: Path, sync_interval_s: float = 1.0):
         self.path = path
+        self.sync_interval_s = sync_interval_s
+        self._synced = time.monotonic()
         path.parent.mkdir(parents=True, exist_ok=True)
         self.records: dict[str, dict[str, Any]] = {}
         if path.exists():
@@ -185,16 +193,24 @@ class ResultsFile:
         self.extend([record])
 
     def extend(self, records: list[dict[str, Any]]) -> None:
-        """Append ``records`` and sync them to disk, together (one fsync)."""
+        """Append ``records`` (flushed together; fsync when the interval has passed)."""
         if not records:
             return
         self._handle.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
         self._handle.flush()
-        os.fsync(self._handle.fileno())
+        if time.monotonic() - self._synced >= self.sync_interval_s:
+            self._sync()
         for record in records:
             self.records[record["key"]] = record
 
+    def _sync(self) -> None:
+        os.fsync(self._handle.fileno())
+        self._synced = time.monotonic()
+
     def close(self) -> None:
+        if not self._handle.closed:
+            self._handle.flush()
+            self._sync()
         self._handle.close()
 
 
