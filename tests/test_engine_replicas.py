@@ -108,6 +108,26 @@ def test_greedy_answers_equal_one_process_and_both_copies_decode(pair) -> None:
     assert all(r.timings.ttft_s > 0 and r.timings.decode_s >= 0 for r in got)
 
 
+def test_a_replica_runs_the_vision_tower_of_its_own_requests(pair) -> None:
+    """Images of requests routed to a replica are encoded there: the serving process's encoder
+    cache holds only its own requests' images (it would otherwise encode for every copy)."""
+    single, double = pair
+    cache = double.encoder_cache
+    entries_before, replica_before = cache.stats.entries, double.replicas[0].submitted
+    colours = ["red", "green", "blue", "yellow", "purple", "orange"]
+    requests = [GenerationRequest(Chat.single("What colour is the shape?", [image(60 + 8 * i, 52 + 4 * i, c)]), SamplingParams(max_tokens=4, temperature=0))
+                for i, c in enumerate(colours)]  # fmt: skip
+
+    async def together(engine):
+        return await asyncio.gather(*[complete(engine, r) for r in requests])
+
+    got, expected = run(together(double)), run(together(single))
+    assert [r.text for r in got] == [r.text for r in expected]
+    sent = double.replicas[0].submitted - replica_before
+    assert sent >= 2  # the burst was shared out
+    assert cache.stats.entries - entries_before == len(requests) - sent
+
+
 def test_one_request_at_a_time_stays_in_the_serving_process(pair) -> None:
     _, double = pair
     replica = double.replicas[0]

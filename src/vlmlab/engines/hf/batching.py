@@ -52,6 +52,7 @@ class Job:
     finish_reason: FinishReason | None = None
     generator: torch.Generator | None = None
     image_features: list[torch.Tensor] | None = None  # encoded ahead: one tensor per image
+    image_keys: list[str] = field(default_factory=list)  # the images' content keys (encoder cache)
     constraint: Any = None  # structured outputs: a structured.TokenConstraint
     prompt_ids: torch.Tensor | None = None  # distinct prompt ids (repetition_penalty), lazily
     step_logprobs: torch.Tensor | None = None  # this step's processed log probabilities

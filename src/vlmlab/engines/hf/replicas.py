@@ -15,6 +15,7 @@ A replica that dies fails its requests with an engine error and gets no new ones
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import logging
 import multiprocessing
@@ -111,6 +112,7 @@ def replica_main(load: Callable[[EngineSpec], Any], spec: EngineSpec, conn: Any)
     _send(conn, ("ready", None))
     outbox = _Outbox(conn)
     jobs: dict[int, Job] = {}
+    encoder = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmlab-replica-encode")
     try:
         while True:
             try:
@@ -125,7 +127,11 @@ def replica_main(load: Callable[[EngineSpec], Any], spec: EngineSpec, conn: Any)
 
                     job.generator = torch.Generator().manual_seed(job.sampling.seed)
                 jobs[rid] = job
-                engine.batcher.submit(job)
+                if job.image_features is None and "pixel_values" in job.inputs and engine.encode_ahead:
+                    # The vision tower runs here, on this copy's core, off the reading thread.
+                    encoder.submit(_encode_then_submit, engine, job)
+                else:
+                    engine.batcher.submit(job)
             elif message[0] == "cancel":
                 job = jobs.get(message[1])
                 if job is not None:
@@ -133,7 +139,23 @@ def replica_main(load: Callable[[EngineSpec], Any], spec: EngineSpec, conn: Any)
             elif message[0] == "close":
                 break
     finally:
+        encoder.shutdown(wait=False, cancel_futures=True)
         engine.close()
+
+
+def _encode_then_submit(engine: Any, job: Job) -> None:
+    """In a replica: the job's images through the vision tower, then the job to the batcher
+    (an encoding error is the job's error, reported as any other)."""
+    if job.cancelled:
+        job.finish_reason = "abort"
+        job.emit(("done", "abort"))  # through the outbox, as the batcher ends a job
+        return
+    try:
+        job.image_features = engine.encode_images(job.inputs, job.image_keys)
+    except Exception as exc:  # noqa: BLE001 - handed to the serving process
+        job.emit(("error", exc))
+        return
+    engine.batcher.submit(job)
 
 
 # -- the serving process's side --------------------------------------------------------------------
@@ -151,6 +173,7 @@ class Replica:
         self.process.start()
         child.close()
         self.jobs: dict[int, Job] = {}
+        self.reserved = 0  # requests routed here and still being prepared (not yet registered)
         self.submitted = 0  # requests sent here
         self.aborted = 0  # of those, stopped there because their consumer went away
         self.alive = False
@@ -160,7 +183,7 @@ class Replica:
 
     @property
     def load(self) -> int:
-        return len(self.jobs)
+        return len(self.jobs) + self.reserved
 
     def wait_ready(self, timeout_s: float) -> bool:
         """Wait for the model to load there; on success start reading its messages."""
@@ -183,6 +206,7 @@ class Replica:
         """Count ``job`` against this replica at once (routing sees it); :meth:`send` ships it."""
         rid = next(self._ids)
         self.jobs[rid] = job
+        self.reserved = max(0, self.reserved - 1)
         self.submitted += 1
         return rid
 
@@ -191,6 +215,7 @@ class Replica:
         fields = {
             "inputs": job.inputs, "prompt_tokens": job.prompt_tokens, "sampling": job.sampling,
             "submitted": job.submitted, "image_features": job.image_features, "stream": job.stream,
+            "image_keys": job.image_keys,
         }  # fmt: skip
         try:
             self._send(("job", rid, fields))
