@@ -3,6 +3,7 @@ official openai client and raw httpx."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -243,3 +244,21 @@ def test_bad_preprocess_mode_and_undecodable_large_bytes_are_400(server, client)
     assert ask(client, good).choices[0].message.content is not None  # still answering
     small_fast = ask(client, good, extra_body={"mm_processor_kwargs": {"preprocess_mode": "fast"}})
     assert small_fast.usage == ask(client, good).usage  # in-thread fast path: same tokens
+
+
+def test_a_stream_reports_where_its_time_went(server) -> None:
+    """The finish chunk's timings: the body's receive + parse + validation (http), the request's
+    parse, the SSE serialization, prefill and decode, beside the media and engine stages."""
+    body = {"model": "nano", "messages": image_message("What colour is the shape?", data_url(png_bytes())),
+            "max_tokens": 6, "temperature": 0, "stream": True}  # fmt: skip
+    finish = None
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                if chunk.get("timings"):
+                    finish = chunk["timings"]
+    assert finish is not None
+    assert {"http", "parse", "sse", "engine"} <= set(finish["stages_ms"])
+    assert all(finish["stages_ms"][k] >= 0 for k in ("http", "parse", "sse"))
+    assert finish["prefill_ms"] > 0 and finish["decode_ms"] >= 0

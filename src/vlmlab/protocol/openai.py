@@ -302,6 +302,8 @@ class TimingsOut(BaseModel):
     queue_ms: float | None = None
     preprocess_ms: float | None = None
     ttft_ms: float | None = None
+    prefill_ms: float | None = None  # engine start -> first token
+    decode_ms: float | None = None  # first -> last token
     decode_tokens_per_s: float | None = None
     total_ms: float | None = None
     preprocess_cache_hits: int = 0
@@ -317,6 +319,8 @@ class TimingsOut(BaseModel):
             queue_ms=ms(timings.queue_s),
             preprocess_ms=ms(timings.preprocess_s),
             ttft_ms=ms(timings.ttft_s),
+            prefill_ms=ms(timings.prefill_s),
+            decode_ms=ms(timings.decode_s),
             decode_tokens_per_s=timings.decode_tokens_per_s(completion_tokens),
             total_ms=ms(timings.total_s),
             preprocess_cache_hits=timings.preprocess_cache_hits,

@@ -171,12 +171,14 @@ def create_app(settings: ServerSettings, chain: EngineChain | None = None, more:
         }}},
     )  # fmt: skip
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        received = getattr(request.state, "received", None)
+        http_s = None if received is None else time.perf_counter() - received  # receive + JSON + validation
         service = service_of(request, body.model)
         items = service.choices(body)
         if not body.stream:
             return await respond(request, service, items, body.n or 1)
         first = await anext(items)  # errors before any output become plain HTTP errors
-        return StreamingResponse(sse(body, service, first, items), media_type="text/event-stream")
+        return StreamingResponse(sse(body, service, first, items, http_s), media_type="text/event-stream")
 
     @app.post("/tokenize", dependencies=auth)
     async def tokenize(body: ChatCompletionRequest, request: Request) -> dict[str, Any]:
@@ -341,15 +343,24 @@ async def respond(request: Request, service: ChatService, items: AsyncIterator[A
     return Response(body.model_dump_json(), media_type="application/json")
 
 
-async def sse(body: ChatCompletionRequest, service: ChatService, first: Any, items: AsyncIterator[Any]) -> AsyncIterator[str]:
+async def sse(body: ChatCompletionRequest, service: ChatService, first: Any, items: AsyncIterator[Any],
+              http_s: float | None = None) -> AsyncIterator[str]:  # fmt: skip
     """OpenAI's stream: a role chunk, content chunks, a finish chunk, an optional usage chunk,
-    ``[DONE]``. An error after the stream started is sent as an SSE error event."""
+    ``[DONE]``. An error after the stream started is sent as an SSE error event.
+
+    The finish chunk's timings add two stages: ``http`` (``http_s``: receiving, parsing and
+    validating the body) and ``sse`` (serializing the chunks before it; socket writes excluded)."""
     completion_id, created, model = new_completion_id(), int(time.time()), service.settings.model_name
+    serialized_s = 0.0
 
     def chunk(index: int, delta: DeltaMessage, finish: str | None = None, logprobs: Any = None, **extra: Any) -> str:
+        nonlocal serialized_s
+        began = time.perf_counter()
         choice = ChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=ChoiceLogprobs.from_core(logprobs))
         payload = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[choice], **extra)
-        return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
+        text = f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
+        serialized_s += time.perf_counter() - began
+        return text
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     n = body.n or 1
@@ -369,6 +380,9 @@ async def sse(body: ChatCompletionRequest, service: ChatService, first: Any, ite
                     calls = [ToolCallDelta(index=i, id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments))
                              for i, c in enumerate(result.tool_calls)]  # fmt: skip
                     yield chunk(index, DeltaMessage(content=result.text or None, tool_calls=calls))
+                if http_s is not None:
+                    result.timings.stages["http"] = http_s
+                result.timings.stages["sse"] = serialized_s
                 timings = TimingsOut.from_timings(result.timings, result.completion_tokens)
                 yield chunk(index, DeltaMessage(), result.finish_reason, timings=timings)
                 if len(results) == n:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -50,6 +51,9 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        # When the request arrived: the route subtracts it from its own start, which gives the
+        # time to receive, parse and validate the body (the "http" stage of a response's timings).
+        scope.setdefault("state", {})["received"] = time.perf_counter()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         expected = self.settings.api_key
         if expected and needs_key(scope["path"], self.settings):

@@ -499,11 +499,12 @@ class ChatService:
         start = time.perf_counter()
         deadline = start + self.settings.request_timeout_s
         chat, sampling, options, mode = self.parse(body)
+        parse_s = time.perf_counter() - start
         self._admit()
         images = ImageHold()  # the decoded images' memory, given back when the request ends
         try:
             pre = time.perf_counter()
-            media_stages: dict[str, float] = {}
+            media_stages: dict[str, float] = {"parse": parse_s}
             loading = self.load_images(chat, options, mode, media_stages, images)
             chat = await _before(deadline, loading, self.settings.request_timeout_s)
             media_s = time.perf_counter() - pre
