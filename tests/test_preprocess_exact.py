@@ -28,7 +28,12 @@ from vlmlab import media  # noqa: E402
 from vlmlab.families import get_family  # noqa: E402
 from vlmlab.preprocess import get_preprocessor, preprocess_bytes  # noqa: E402
 from vlmlab.preprocess.core import decode_bytes  # noqa: E402
-from vlmlab.preprocess.kernels import Pixels, cubic_resize_planes, resize  # noqa: E402
+from vlmlab.preprocess.kernels import (  # noqa: E402
+    Pixels,
+    cubic_resize_planes,
+    resize,
+    rgbx_view,
+)
 
 TOLERANCE = 1e-5
 MAX_DIFFS: dict[str, float] = {}  # family/backend -> worst difference seen (printed with -s)
@@ -228,6 +233,25 @@ def test_channels_last_resize_equals_torchvision(mode: str) -> None:
         )
         got = resize(Pixels(pil=image), target, mode, "torch").hwc()
         np.testing.assert_array_equal(got, expected.permute(1, 2, 0).numpy())
+
+
+def test_decoded_pixels_are_viewed_not_copied() -> None:
+    """decode_bytes decodes into one block, so the pipelines view PIL's RGBX storage; resizing
+    those 4 channels (chained, as Idefics3 does) gives the RGB channels' own result."""
+    data = _encode(_image(2101, 2050, 5), "jpeg")  # 17 MB as RGBX: above one PIL block
+    image, _ = decode_bytes(data)
+    view = rgbx_view(image)
+    assert view is not None and view.shape == (2050, 2101, 4) and not view.flags.writeable
+    np.testing.assert_array_equal(view[:, :, :3], np.asarray(image))
+    del image  # the view keeps the pixels alive
+    assert Pixels(array=view).hwc().shape == (2050, 2101, 3)
+    rgb = np.ascontiguousarray(view[:, :, :3])
+    for mode in ("bicubic", "lanczos", "bilinear"):
+        four, three = Pixels(array=view), Pixels(array=rgb)
+        for size in ((701, 523), (364, 364)):
+            four, three = resize(four, size, mode, "torch"), resize(three, size, mode, "torch")
+            assert four.to_tensor().shape[1] == 4
+            np.testing.assert_array_equal(four.hwc(), three.hwc())
 
 
 def test_numpy_bicubic_matches_torch_interpolate() -> None:

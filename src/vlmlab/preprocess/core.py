@@ -36,7 +36,14 @@ from PIL import Image, ImageOps
 
 from vlmlab import media
 from vlmlab.families import Family, ImageLayout, get_family
-from vlmlab.preprocess.kernels import Engine, Filter, Normalization, Pixels, resize
+from vlmlab.preprocess.kernels import (
+    Engine,
+    Filter,
+    Normalization,
+    Pixels,
+    new_block_storage,
+    resize,
+)
 from vlmlab.protocol.core import ImageData
 from vlmlab.protocol.errors import ConfigError, ImageDecodeError, ImageTooLargeError, VlmlabError
 from vlmlab.registry import Registry
@@ -377,6 +384,8 @@ def decode_bytes(
             if raw_w // want[0] >= 2 and raw_h // want[1] >= 2:
                 im.draft(None, want)
         im.seek(0)
+        if fmt in ("JPEG", "MPO", "PNG"):
+            new_block_storage(im)  # one block: the pipelines then view the pixels, not copy them
         im.load()
         # in_place: exif_transpose otherwise returns a full copy even when nothing rotates.
         ImageOps.exif_transpose(im, in_place=True)

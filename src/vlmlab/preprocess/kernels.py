@@ -19,12 +19,18 @@ Two resampling engines:
   copy to planar layout costs ~3x the resize itself and changes nothing in the result (checked in
   ``tests/test_preprocess_exact.py``).
 
+Decoded pixels are read in place: ``decode_bytes`` has PIL decode into one block of memory
+(advised into huge pages) and :func:`rgbx_view` views its RGBX storage through Pillow's Arrow
+export, where ``np.asarray(image)`` (what the references do) copies the 12 MP raster twice.
+
 torch is imported lazily: the PIL paths work without it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -98,8 +104,11 @@ class Pixels:
     """An RGB uint8 image in whichever form the last operation produced.
 
     Exactly one of ``pil`` (a ``PIL.Image`` in mode RGB), ``array`` (HWC uint8, any strides) or
-    ``tensor`` (torch uint8 ``(1, 3, H, W)``, any memory format) is set; conversions are lazy
-    and only copy when the consumer needs another form.
+    ``tensor`` (torch uint8 ``(1, C, H, W)``, any memory format) is set; conversions are lazy
+    and only copy when the consumer needs another form. ``array`` and ``tensor`` may carry a
+    fourth, padding channel (PIL's own RGBX storage, viewed without a copy, and what torch
+    resamples it into): :meth:`hwc` never shows it, and it changes nothing in the RGB channels
+    (each channel is resampled on its own; checked in ``tests/test_preprocess_exact.py``).
     """
 
     __slots__ = ("array", "pil", "tensor")
@@ -118,15 +127,21 @@ class Pixels:
             return self.array.shape[1], self.array.shape[0]
         return int(self.tensor.shape[3]), int(self.tensor.shape[2])
 
-    def hwc(self) -> np.ndarray:
-        """An (H, W, 3) uint8 view (a copy only when the pixels live in a PIL image)."""
+    def _array(self) -> np.ndarray:
+        """(H, W, 3 or 4) uint8: PIL's RGBX storage viewed in place where it allows that, else
+        one copy out of it (``np.asarray``, read-only)."""
         if self.array is None:
             if self.pil is not None:
-                # One copy out of PIL's 4-bytes-per-pixel storage; read-only, never written.
-                self.array = np.asarray(self.pil)
+                view = rgbx_view(self.pil)
+                self.array = np.asarray(self.pil) if view is None else view
             else:
                 self.array = self.tensor[0].permute(1, 2, 0).numpy()
         return self.array
+
+    def hwc(self) -> np.ndarray:
+        """An (H, W, 3) uint8 view (a copy only when PIL keeps the pixels in several blocks)."""
+        array = self._array()
+        return array if array.shape[2] == 3 else array[:, :, :3]
 
     def to_pil(self) -> Image.Image:
         if self.pil is None:
@@ -134,14 +149,155 @@ class Pixels:
         return self.pil
 
     def to_tensor(self) -> Any:
-        """``(1, 3, H, W)`` uint8, channels-last when it came from an HWC array (no copy)."""
+        """``(1, C, H, W)`` uint8, channels-last when it came from an HWC array (no copy); C is 4
+        when the pixels are PIL's RGBX storage (torch's uint8 kernel packs RGB into 4 bytes a
+        pixel itself, so the padding channel costs nothing)."""
         if self.tensor is None:
             torch = torch_module()
             with warnings.catch_warnings():
                 # np.asarray(PIL) is read-only; interpolate only reads its input.
                 warnings.filterwarnings("ignore", message=".*not writable.*")
-                self.tensor = torch.from_numpy(self.hwc()).permute(2, 0, 1).unsqueeze(0)
+                self.tensor = torch.from_numpy(self._array()).permute(2, 0, 1).unsqueeze(0)
         return self.tensor
+
+
+# -- PIL's pixel storage without a copy (Arrow C data interface, Pillow >= 11.2) -----------------
+
+
+class _ArrowSchema(ctypes.Structure):
+    pass
+
+
+_ArrowSchema._fields_ = [
+    ("format", ctypes.c_char_p),
+    ("name", ctypes.c_char_p),
+    ("metadata", ctypes.c_char_p),
+    ("flags", ctypes.c_int64),
+    ("n_children", ctypes.c_int64),
+    ("children", ctypes.POINTER(ctypes.POINTER(_ArrowSchema))),
+    ("dictionary", ctypes.c_void_p),
+    ("release", ctypes.c_void_p),
+    ("private_data", ctypes.c_void_p),
+]
+
+
+class _ArrowArray(ctypes.Structure):
+    pass
+
+
+_ArrowArray._fields_ = [
+    ("length", ctypes.c_int64),
+    ("null_count", ctypes.c_int64),
+    ("offset", ctypes.c_int64),
+    ("n_buffers", ctypes.c_int64),
+    ("n_children", ctypes.c_int64),
+    ("buffers", ctypes.POINTER(ctypes.c_void_p)),
+    ("children", ctypes.POINTER(ctypes.POINTER(_ArrowArray))),
+    ("dictionary", ctypes.c_void_p),
+    ("release", ctypes.c_void_p),
+    ("private_data", ctypes.c_void_p),
+]
+
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype = ctypes.c_void_p
+_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+
+
+class _Exported:
+    """Keeps Pillow's exported Arrow array (and with it the image memory: Pillow counts the
+    export as a reference) alive for as long as a numpy view of it exists."""
+
+    __slots__ = ("__array_interface__", "capsules")
+
+    def __init__(self, capsules: tuple[Any, Any], interface: dict[str, Any]):
+        self.capsules = capsules
+        self.__array_interface__ = interface
+
+
+def _export(core: Any, width: int, height: int) -> tuple[tuple[Any, Any], int] | None:
+    """(Arrow capsules, address of the first pixel) of an RGB ``ImagingCore`` stored in one
+    block, or None (several blocks, another layout, a Pillow without Arrow export)."""
+    try:
+        schema_capsule, array_capsule = core.__arrow_c_schema__(), core.__arrow_c_array__()
+    except (ValueError, OSError, AttributeError):  # rows in several blocks, no arrow support
+        return None
+    schema = _ArrowSchema.from_address(_capsule_pointer(schema_capsule, b"arrow_schema"))
+    array = _ArrowArray.from_address(_capsule_pointer(array_capsule, b"arrow_array"))
+    if (
+        schema.format != b"+w:4"
+        or schema.n_children != 1
+        or schema.children[0].contents.format != b"C"
+        or array.n_children != 1
+        or array.length != width * height
+        or array.offset != 0
+    ):
+        return None
+    child = array.children[0].contents
+    if child.n_buffers != 2 or child.offset != 0 or child.length != 4 * width * height:
+        return None
+    return (schema_capsule, array_capsule), int(child.buffers[1])
+
+
+def rgbx_view(image: Image.Image) -> np.ndarray | None:
+    """A read-only ``(H, W, 4)`` uint8 view of an RGB image's own storage (R, G, B, padding),
+    or None where Pillow cannot export it in one piece (before 11.2, or an image whose rows
+    live in several blocks: use ``np.asarray``). :func:`decode_bytes` allocates decoded images
+    in one block so that this works; ``np.asarray`` would copy the whole raster twice (PIL's
+    ``tobytes`` in chunks, then their join) to drop the padding byte."""
+    if image.mode != "RGB" or not hasattr(image, "__arrow_c_array__"):
+        return None
+    image.load()
+    width, height = image.size
+    exported = _export(image.im, width, height)
+    if exported is None:
+        return None
+    capsules, address = exported
+    interface = {
+        "version": 3,
+        "shape": (height, width, 4),
+        "typestr": "|u1",
+        "data": (address, True),  # read-only: the image's pixels, never written
+    }
+    return np.asarray(_Exported(capsules, interface))
+
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14  # Linux <asm-generic/mman-common.h>
+
+
+def _advise_huge_pages(address: int, nbytes: int) -> None:
+    """``madvise(MADV_HUGEPAGE)`` over the 2 MiB pages inside [address, address + nbytes).
+
+    A fresh multi-MB block is first touched by the decoder: in 4 KiB pages that is ~12,000
+    page faults for a 12 MP image (~15 ms, as much as the copy the view saves); in huge pages
+    ~24. numpy advises its own large arrays the same way. Linux only; a no-op elsewhere."""
+    start = -(-address // _HUGE_PAGE) * _HUGE_PAGE
+    end = (address + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+    if end <= start or not hasattr(ctypes, "CDLL"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux / no madvise
+        pass
+
+
+def new_block_storage(image: Image.Image) -> None:
+    """Before ``image.load()``: have it decode into one block, so :func:`rgbx_view` can view it.
+
+    Pillow otherwise allocates large images in 16 MB blocks of rows. Only for plugins that
+    decode into the storage ``ImageFile.load_prepare`` would create; a no-op where Pillow lacks
+    ``core.new_block``."""
+    new_block = getattr(Image.core, "new_block", None)
+    if new_block is None or image.mode != "RGB" or getattr(image, "_im", False) is not None:
+        return
+    core = new_block(image.mode, image.size)
+    width, height = image.size
+    if sys.platform == "linux" and 4 * width * height >= 4 * _HUGE_PAGE:
+        exported = _export(core, width, height)
+        if exported is not None:
+            _advise_huge_pages(exported[1], 4 * width * height)
+    image.im = core
 
 
 def resize(
