@@ -235,6 +235,11 @@ def test_auto_copies_rule() -> None:
     assert tight.copies == 3 and "memory" in tight.reason
     many = plan_copies(small, on_gpu=False, cpus=64, memory=2**40, max_copies=8, **rule)
     assert (many.copies, many.threads) == (8, 7)
+    # On Ray the workers / replicas are the copies: a worker never starts copies of its own.
+    from vlmlab.engines.ray_pool import worker_spec
+
+    assert worker_spec(EngineSpec(data_parallel_size="auto"), 1).data_parallel_size == 1
+    assert worker_spec(EngineSpec(data_parallel_size=3), 4).data_parallel_size == 3
 
 
 def test_auto_on_nano_runs_a_copy_per_cpu_and_says_why() -> None:

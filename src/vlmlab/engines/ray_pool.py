@@ -95,7 +95,12 @@ def worker_spec(spec: EngineSpec, cpus: float) -> EngineSpec:
     a second core; a one-CPU worker has none, and the overlap only costs switching: measured here
     (nano, one core, image caches off) 9.2 ms of CPU per sample without it, 10.5 ms with it, the
     answers the same. A setting of the user's own wins.
+
+    ``--data-parallel-size auto`` is one copy here: on Ray the copies are the workers (or
+    replicas), each with its own CPUs, not processes a worker would start beside itself.
     """
+    if spec.data_parallel_size == "auto":
+        spec = dataclasses.replace(spec, data_parallel_size=1)
     if spec.engine == "hf" and cpus <= 1 and "overlap_prefill" not in spec.extra:
         return dataclasses.replace(spec, extra={**spec.extra, "overlap_prefill": False})
     return spec
