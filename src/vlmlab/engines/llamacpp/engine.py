@@ -292,8 +292,9 @@ class LlamaCppEngine(Engine):
 
         grammar = structured_grammar(request.sampling.structured, json_schema_to_gbnf)
         plan = sampler_plan(request.sampling, self.n_vocab, self.end_tokens, grammar)
-        if grammar is not None:  # refused now (a 400) rather than failing on the pool thread
-            self._lib.llama_sampler_free(_grammar_sampler(self._lib, self._vocab, grammar, request.sampling.structured))
+        # Built here, once: a grammar llama.cpp cannot parse is a 400 before any chunk. The pool
+        # thread that runs the generation frees it.
+        chain = _sampler_chain(self._lib, plan, self.n_vocab, self._vocab, request.sampling.structured)
         self.counters["requests"] += 1
         caller = asyncio.get_running_loop()
         items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -304,7 +305,7 @@ class LlamaCppEngine(Engine):
                 caller.call_soon_threadsafe(items.put_nowait, (kind, value))
 
         queued = time.perf_counter()
-        self.pool.submit(self._with_copy, lambda copy: self._run(copy, request, plan, put, cancelled))
+        self.pool.submit(self._with_copy, lambda copy: self._run(copy, request, chain, put, cancelled))
         text: list[str] = []
         first = None
         try:
@@ -347,16 +348,18 @@ class LlamaCppEngine(Engine):
             engine=self.name,
         )
 
-    def _run(self, copy: _Copy, request: GenerationRequest, plan: SamplerPlan,
+    def _run(self, copy: _Copy, request: GenerationRequest, chain: Any,
              put: Callable[[str, Any], None], cancelled: threading.Event) -> None:  # fmt: skip
-        """On a pool thread holding ``copy``: one generation."""
+        """On a pool thread holding ``copy``: one generation with the sampler ``chain`` (freed here)."""
         started = time.perf_counter()
         try:
-            put("done", self._generate(copy, request, plan, put, cancelled, started))
+            put("done", self._generate(copy, request, chain, put, cancelled, started))
         except Exception as exc:  # noqa: BLE001 - handed to the caller
             put("error", exc)
+        finally:
+            self._lib.llama_sampler_free(chain)
 
-    def _generate(self, copy: _Copy, request: GenerationRequest, plan: SamplerPlan,
+    def _generate(self, copy: _Copy, request: GenerationRequest, chain: Any,
                   put: Callable[[str, Any], None], cancelled: threading.Event, started: float) -> dict[str, Any]:  # fmt: skip
         lib, llama = self._lib, copy.llama
         sampling = request.sampling
@@ -375,31 +378,27 @@ class LlamaCppEngine(Engine):
             prompt.free()
         prefilled = time.perf_counter()
         per_image = self._image_tokens(request.chat)
-        chain = _sampler_chain(lib, plan, self.n_vocab, self._vocab, sampling.structured)
         stop = StopText(sampling.stop)
         decoder = TokenText()
         generated = pending = 0
         hit_end = False
         first = None
         streamed = request.stream
-        try:
-            while generated < sampling.max_tokens and not cancelled.is_set():
-                token = lib.llama_sampler_sample(chain, llama.ctx, -1)
-                if not sampling.ignore_eos and lib.llama_vocab_is_eog(self._vocab, token):
-                    hit_end = True
-                    break
-                generated += 1
-                pending += 1
-                first = first or time.perf_counter()
-                piece = stop.feed(decoder.feed(llama.detokenize([token])))
-                if piece and streamed:
-                    put("text", (piece, pending))
-                    pending = 0
-                if stop.stopped or generated >= sampling.max_tokens:
-                    break
-                llama.eval([token])
-        finally:
-            lib.llama_sampler_free(chain)
+        while generated < sampling.max_tokens and not cancelled.is_set():
+            token = lib.llama_sampler_sample(chain, llama.ctx, -1)
+            if not sampling.ignore_eos and lib.llama_vocab_is_eog(self._vocab, token):
+                hit_end = True
+                break
+            generated += 1
+            pending += 1
+            first = first or time.perf_counter()
+            piece = stop.feed(decoder.feed(llama.detokenize([token])))
+            if piece and streamed:
+                put("text", (piece, pending))
+                pending = 0
+            if stop.stopped or generated >= sampling.max_tokens:
+                break
+            llama.eval([token])
         tail = "" if stop.stopped else stop.feed(decoder.flush()) + stop.flush()
         if streamed and (tail or pending):
             put("text", (tail, pending))
@@ -590,6 +589,15 @@ def _grammar_sampler(lib: Any, vocab: Any, grammar: str, structured: Any) -> Any
 
 def _sampler_chain(lib: Any, plan: SamplerPlan, n_vocab: int, vocab: Any, structured: Any) -> Any:
     chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+    try:
+        _add_samplers(lib, chain, plan, n_vocab, vocab, structured)
+    except BaseException:
+        lib.llama_sampler_free(chain)
+        raise
+    return chain
+
+
+def _add_samplers(lib: Any, chain: Any, plan: SamplerPlan, n_vocab: int, vocab: Any, structured: Any) -> None:
     if plan.logit_bias:
         biases = (lib.llama_logit_bias * len(plan.logit_bias))(*(lib.llama_logit_bias(t, b) for t, b in plan.logit_bias))
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_logit_bias(n_vocab, len(plan.logit_bias), biases))
@@ -599,7 +607,7 @@ def _sampler_chain(lib: Any, plan: SamplerPlan, n_vocab: int, vocab: Any, struct
         lib.llama_sampler_chain_add(chain, _grammar_sampler(lib, vocab, plan.grammar, structured))
     if plan.greedy:
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
-        return chain
+        return
     if plan.top_k > 0:
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(plan.top_k))
     if plan.top_p < 1.0:
@@ -607,7 +615,6 @@ def _sampler_chain(lib: Any, plan: SamplerPlan, n_vocab: int, vocab: Any, struct
     lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(plan.temperature))
     seed = plan.seed if plan.seed is not None else lib.LLAMA_DEFAULT_SEED
     lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-    return chain
 
 
 # general.file_type (llama_ftype) -> the weights' type as vlmlab names dtypes.
