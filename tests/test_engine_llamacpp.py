@@ -243,7 +243,7 @@ def test_a_model_without_mmproj_refuses_images_but_answers_text(gguf):
 def test_two_copies_answer_concurrent_requests_alike(gguf, engine):
     two = load_engine(EngineSpec(model=str(gguf.model), engine="llamacpp", data_parallel_size=2, extra={"mmproj": str(gguf.mmproj)}))
     try:
-        assert two.info().details["copies"] == 2 and two.info().details["threads_per_copy"] >= 1
+        assert two.info().details["data_parallel_size"] == 2 and two.info().details["threads_per_copy"] >= 1
         chats = [chat for _, chat in sample_chats()][:6]
         seen_threads: set[str] = set()
         original = two._generate
@@ -397,7 +397,7 @@ def test_auto_copies_for_a_small_gguf(gguf):
     auto = load_engine(EngineSpec(model=str(gguf.model), engine="llamacpp", data_parallel_size="auto", extra={"mmproj": str(gguf.mmproj)}))
     try:
         details = auto.info().details
-        assert details["copies"] == min(available_cpus(), 8) and details["threads_per_copy"] >= 1
+        assert details["data_parallel_size"] == min(available_cpus(), 8) and details["threads_per_copy"] >= 1
         assert "small" in details["copies_reason"]
     finally:
         auto.close()

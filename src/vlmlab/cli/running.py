@@ -340,7 +340,7 @@ def copies_line(engine: Any) -> None:
     """One line on how many copies of the model run and why (``--data-parallel-size``)."""
     info = engine.info()
     details = info.details or {}
-    copies = details.get("data_parallel_size", details.get("copies"))
+    copies = details.get("data_parallel_size")
     reason = details.get("copies_reason")
     if copies and reason:
         threads = details.get("threads_per_copy", details.get("torch_threads"))

@@ -368,7 +368,7 @@ async def _answer_here(
 ) -> None:
     """Read the samples in this process, build their prompts here, send each to ``engine``."""
     details = engine.info().details or {}
-    copies = int(details.get("data_parallel_size") or details.get("copies") or 1)
+    copies = int(details.get("data_parallel_size") or 1)
     gate = asyncio.Semaphore(config.concurrency or max(1, config.batch_size * 2 * copies))
     fatal: list[BaseException] = []
 

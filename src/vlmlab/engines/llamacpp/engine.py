@@ -456,7 +456,7 @@ class LlamaCppEngine(Engine):
             details={
                 "gguf": str(self.files.model),
                 "mmproj": str(self.files.mmproj) if self.files.mmproj else None,
-                "copies": len(self._copies),
+                "data_parallel_size": len(self._copies),  # the hf engine's name for its copies
                 "copies_reason": self.copies_reason,
                 "threads_per_copy": self.threads,
                 **self.counters,
