@@ -126,6 +126,11 @@ def test_a_replica_runs_the_vision_tower_of_its_own_requests(pair) -> None:
     sent = double.replicas[0].submitted - replica_before
     assert sent >= 2  # the burst was shared out
     assert cache.stats.entries - entries_before == len(requests) - sent
+    # The timings say where: the hop and the tower in the replica, the tower here otherwise.
+    hopped = [r.timings.stages for r in got if "replica_send" in r.timings.stages]
+    assert len(hopped) == sent
+    assert all(s["replica_send"] > 0 and s["encode"] > 0 and s["batch_wait"] >= 0 for s in hopped)
+    assert all("encode" in r.timings.stages for r in got)
 
 
 def test_one_request_at_a_time_stays_in_the_serving_process(pair) -> None:

@@ -248,7 +248,8 @@ def test_bad_preprocess_mode_and_undecodable_large_bytes_are_400(server, client)
 
 def test_a_stream_reports_where_its_time_went(server) -> None:
     """The finish chunk's timings: the body's receive + parse + validation (http), the request's
-    parse, the SSE serialization, prefill and decode, beside the media and engine stages."""
+    parse, the SSE serialization, prefill and decode, beside the media and engine stages; inside
+    the engine: the chat template, the wait for a batch and the detokenizer; the server slot's wait."""
     body = {"model": "nano", "messages": image_message("What colour is the shape?", data_url(png_bytes())),
             "max_tokens": 6, "temperature": 0, "stream": True}  # fmt: skip
     finish = None
@@ -259,6 +260,10 @@ def test_a_stream_reports_where_its_time_went(server) -> None:
                 if chunk.get("timings"):
                     finish = chunk["timings"]
     assert finish is not None
-    assert {"http", "parse", "sse", "engine"} <= set(finish["stages_ms"])
-    assert all(finish["stages_ms"][k] >= 0 for k in ("http", "parse", "sse"))
+    stages = finish["stages_ms"]
+    assert {"http", "parse", "sse", "engine", "slot_wait", "template", "batch_wait", "detokenize"} <= set(stages)
+    assert all(stages[k] >= 0 for k in ("http", "parse", "sse", "slot_wait", "batch_wait"))
+    assert stages["template"] > 0 and stages["detokenize"] > 0  # timed, not placeholders
+    # the engine's parts happen inside its time
+    assert stages["template"] + stages["batch_wait"] + stages["detokenize"] < stages["engine"]
     assert finish["prefill_ms"] > 0 and finish["decode_ms"] >= 0

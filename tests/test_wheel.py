@@ -14,6 +14,7 @@ import json
 import os
 import importlib.util
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,7 @@ else:  # Python 3.10: tomli is in the lock for it
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "requirements" / "lock.txt"
+WHEEL_VENV_BYTES = 9 * 2**30
 LINUX = {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64"}
 MAC = {"sys_platform": "darwin", "platform_system": "Darwin", "platform_machine": "arm64"}
 
@@ -103,6 +105,13 @@ def installed_wheel() -> Iterator[tuple[Path, Path]]:
     The venv holds the whole lock (torch among it, ~6.5 GB), so it lives in a temporary folder
     that is removed at once, not in pytest's kept tmp_path folders.
     """
+    free = shutil.disk_usage(tempfile.gettempdir()).free
+    # The lock's venv (~7 GB) plus pip's unpacking: fail with the reason, not pip's ENOSPC deep
+    # inside an install log.
+    assert free > WHEEL_VENV_BYTES, (
+        f"{tempfile.gettempdir()} has {free / 2**30:.1f} GiB free; the wheel's venv needs about "
+        f"{WHEEL_VENV_BYTES / 2**30:.0f} GiB: free some space there or point TMPDIR at a larger disk"
+    )
     with tempfile.TemporaryDirectory(prefix="vlmlab-wheel-") as folder:
         work = Path(folder)
         # sdist first, then the wheel from the unpacked sdist: a stale build/ folder of the

@@ -98,6 +98,11 @@ class _Read:
 # by walking a result with sys.getsizeof: 2.5 KiB with three stages; rounded up for more stages.
 RESULT_OVERHEAD_BYTES = 4096
 
+# Stages of a result's timings that are not per-image preprocessing, kept out of the
+# vlmlab:preprocess_stage_seconds histogram: the request's own time in the engine, the waits for
+# a server slot and for a batch, the replica hop, the chat template and the detokenizer.
+NOT_PER_IMAGE = frozenset({"engine", "slot_wait", "batch_wait", "replica_send", "template", "detokenize"})
+
 
 def result_bytes(result: GenerationResult) -> int:
     """What a cached result holds: its text (UTF-8, as Python stores at most 4 bytes a
@@ -558,12 +563,13 @@ class ChatService:
                     if isinstance(item, GenerationResult):
                         t = item.timings
                         t.stages["engine"] = time.perf_counter() - engine_start
+                        t.stages["slot_wait"] = queue_s
                         t.queue_s = (t.queue_s or 0.0) + queue_s
                         t.preprocess_s = (t.preprocess_s or 0.0) + media_s
                         t.ttft_s = (t.ttft_s or 0.0) + (waited - start) + queue_s
                         t.total_s = time.perf_counter() - start
                         for stage, seconds in t.stages.items():
-                            if stage != "engine":  # preprocessing stages only
+                            if stage not in NOT_PER_IMAGE:  # the per-image preprocessing stages
                                 self.metrics.observe_stage(stage, seconds)
                         self.metrics.observe_result(item, t.total_s)
                         # Here, not after the loop: the caller closes this generator once it has

@@ -58,6 +58,10 @@ class Job:
     step_logprobs: torch.Tensor | None = None  # this step's processed log probabilities
     logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked for
     sent_logprobs: int = 0  # logprobs already streamed
+    queued: float | None = None  # when it reached the batcher (after a replica's hop and encode)
+    # Seconds by stage, written where they happen: "detokenize" (the incremental text, summed over
+    # the tokens), and in a replica "replica_send" and "encode" (HFEngine.generate reports them).
+    stages: dict[str, float] = field(default_factory=dict)
 
     def emit(self, item: Any) -> None:
         pending = getattr(_emits, "pending", None)
@@ -245,7 +249,9 @@ class RowTracker(StoppingCriteria):
                 record = token_logprob(job.step_logprobs, token, job.sampling.top_logprobs, self.pieces)
                 job.logprobs = [*(job.logprobs or []), record]
             accepted = job.constraint is None or job.constraint.accept(token)
+            detokenize = time.perf_counter()
             job.text = self.decode(job.token_ids)
+            job.stages["detokenize"] = job.stages.get("detokenize", 0.0) + time.perf_counter() - detokenize
             stops = job.sampling.stop
             hits = [job.text.find(s) for s in stops if s and s in job.text]
             if hits:
@@ -309,6 +315,7 @@ class Batcher:
         with self._cond:
             if self._closed:
                 raise RuntimeError("engine is closed")
+            job.queued = time.perf_counter()
             self._waiting.append(job)
             self._cond.notify()
 

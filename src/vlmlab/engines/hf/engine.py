@@ -393,6 +393,7 @@ class HFEngine(Engine):
             prompt, count = await loop.run_in_executor(None, self._render_and_count, request)
         else:
             prompt, count = self._render_and_count(request)
+        template_s = time.perf_counter() - start
         if count.prompt_tokens + sampling.max_tokens > self.max_model_len:
             raise ContextLengthError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you "
@@ -481,7 +482,10 @@ class HFEngine(Engine):
             load_s=self.load_s,
             peak_memory_bytes=peak_memory_bytes(self.device),
             preprocess_cache_hits=prepared.cache_hits,
-            stages=dict(prepared.stages),
+            stages={
+                "template": template_s, **prepared.stages, **job.stages,
+                **({"batch_wait": job.started - job.queued} if job.started and job.queued else {}),
+            },
         )
         yield GenerationResult(
             text=job.text,

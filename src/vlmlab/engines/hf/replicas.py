@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # What a finished job's consumer reads besides its stream (HFEngine.generate's timings and text).
-_RESULT_FIELDS = ("started", "first_token", "last_token", "token_ids", "text", "finish_reason", "logprobs")
+_RESULT_FIELDS = ("queued", "started", "first_token", "last_token", "token_ids", "text", "finish_reason", "logprobs", "stages")
 
 
 def _send(conn: Any, message: Any) -> None:
@@ -122,6 +122,9 @@ def replica_main(load: Callable[[EngineSpec], Any], spec: EngineSpec, conn: Any)
             if message[0] == "job":
                 _, rid, fields = message
                 job = Job(loop=outbox, queue=_RowQueue(rid, outbox, jobs), **fields)  # type: ignore[arg-type]
+                # The hop: pickling, the pipe and unpickling (perf_counter is the system's
+                # monotonic clock on Linux and macOS, one for every process).
+                job.stages["replica_send"] = time.perf_counter() - job.submitted
                 if job.sampling.seed is not None and not job.sampling.greedy:
                     import torch
 
@@ -150,11 +153,13 @@ def _encode_then_submit(engine: Any, job: Job) -> None:
         job.finish_reason = "abort"
         job.emit(("done", "abort"))  # through the outbox, as the batcher ends a job
         return
+    start = time.perf_counter()
     try:
         job.image_features = engine.encode_images(job.inputs, job.image_keys)
     except Exception as exc:  # noqa: BLE001 - handed to the serving process
         job.emit(("error", exc))
         return
+    job.stages["encode"] = time.perf_counter() - start
     engine.batcher.submit(job)
 
 
