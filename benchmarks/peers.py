@@ -35,10 +35,11 @@ the round), and each figure relative to vlmlab's. Answers of vlmlab and transfor
 compared (identical count, first differences).
 
 Per-stage profile of ``vlmlab`` at 16 concurrent (or the concurrency nearest it): the ``timings``
-object of each stream's finish chunk (queue, preprocess, stages: fetch, decode, processor, encode,
-engine), ``/metrics`` deltas over those rounds (prefill, decode, time per output token), and what
-the client saw (TTFT, end to end; the client's end to end minus the server's total is HTTP, SSE and
-client time). The stages the server does not report are listed.
+object of each stream's finish chunk (queue, preprocess, prefill, decode, and the stages: http,
+parse, fetch, decode, slot wait, chat template, resize .. processor, vision tower, replica hop, batch
+wait, detokenize, engine, SSE; benchmarks/peers_report.py names them), and what the client saw
+(TTFT, end to end; the client's end to end minus the server's total is HTTP, SSE and client time).
+Stages a server does not report are listed.
 
 ``--aiperf PATH`` (an ``aiperf`` executable, e.g. from ``python3 -m venv /tmp/peers-venv &&
 /tmp/peers-venv/bin/pip install aiperf``) also runs aiperf against ``vlmlab`` at 16 concurrent on
