@@ -19,12 +19,7 @@ run: $(STAMP)
 test: $(STAMP) chromium
 	@if command -v npm >/dev/null && [ -f package-lock.json ]; then npm ci --silent || echo "npm ci failed: tests/test_playground.py skips its axe-core check"; fi
 	$(BIN)/lint-imports
-	@# The llama.cpp engine's tests run in a process of their own. After tests/test_engine_archs.py
-	@# in the same process (many torch models loaded and run), llama.cpp contexts created later
-	@# sometimes answered garbage: a known, unsolved bug (README, llamacpp engine). Reproduce with
-	@# pytest tests/test_engine_archs.py tests/test_engine_llamacpp.py.
-	$(BIN)/pytest -q tests/test_engine_llamacpp.py
-	$(BIN)/pytest -q --ignore=tests/test_engine_llamacpp.py
+	$(BIN)/pytest -q
 
 # HTML reports and pages are checked in headless Chromium (Debian's package).
 chromium:

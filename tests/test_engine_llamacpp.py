@@ -9,6 +9,7 @@ import base64
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -262,6 +263,88 @@ def test_two_copies_answer_concurrent_requests_alike(gguf, engine):
         assert len(seen_threads) == 2
     finally:
         two.close()
+
+
+# -- stale memory in llama.cpp's image buffers -------------------------------------------------------
+
+
+def poison_the_free_heap() -> Callable[[], None]:
+    """On the calling thread, fill its malloc arena's free memory with 0xFF bytes (NaN as float32),
+    as a process that has run torch models can leave it; returns the function that releases the
+    fence block that holds that memory in place.
+
+    glibc first serves blocks under 24 MiB from the heap (freeing a 24 MiB block raises its mmap
+    threshold, as torch's frees do); then 2 KiB blocks take every free block of the arena and
+    8 MiB more, are filled and freed. 2 KiB is above tcache's sizes, so the freed blocks merge
+    into large free chunks; the fence keeps them off the heap's top, which glibc may trim.
+    """
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]  # fmt: skip
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+    libc.mallinfo2.restype = MallInfo2
+    libc.free(libc.malloc(24 << 20))
+    start = libc.mallinfo2().arena
+    blocks = []
+    while libc.mallinfo2().arena < start + (8 << 20):
+        for _ in range(4096):
+            block = libc.malloc(2048)
+            libc.memset(block, 0xFF, 2048)
+            blocks.append(block)
+    fence = libc.malloc(64)
+    for block in blocks:
+        libc.free(block)
+    return lambda: libc.free(fence)
+
+
+def test_image_answers_survive_stale_nan_bytes_in_llama_cpp_buffers(gguf):
+    """The bug that once kept these tests in a process of their own (after tests/test_engine_archs.py
+    answers came out empty): llama.cpp's Pixtral graph builds the [IMG_BREAK] rows from a buffer
+    nothing writes, times 0, and 0 * NaN stays NaN. The copy's thread gets a heap of stale NaN
+    bytes before its first image, where mtmd then allocates its compute buffer."""
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the stale heap is made with glibc's malloc")
+    eng = load_engine(EngineSpec(model=str(gguf.model), engine="llamacpp", extra={"mmproj": str(gguf.mmproj)}))
+    # One copy, one pool thread: the thread (and so the malloc arena) that runs the requests.
+    release = eng.pool.submit(poison_the_free_heap).result()
+    try:
+        chat = Chat.single("What colour is the shape?", load_images([str(SAMPLES / "red_square.png")]))
+        answer = run(complete(eng, GenerationRequest(chat, GREEDY)))
+        assert (answer.text, answer.finish_reason, answer.image_tokens) == ("red", "stop", 54)
+        # The trigger took: mtmd's buffer held the NaN bytes. (0 would mean llama.cpp no longer
+        # reads them, or the heap was not poisoned.)
+        assert eng.info().details["repaired_images"] == 1
+    finally:
+        release()
+        eng.close()
+
+
+def test_repair_image_embeddings_restores_only_spoiled_break_rows():
+    import numpy as np
+
+    from vlmlab.engines.llamacpp.projector import repair_image_embeddings
+    from vlmlab.protocol.errors import EngineError
+
+    img_break = np.arange(4, dtype=np.float32)
+    rows = np.ones((3, 4), dtype=np.float32)
+    rows[1] = img_break
+    rows[1, [0, 2]] = np.nan
+    assert repair_image_embeddings(rows, img_break) == 1
+    assert rows.tolist() == [[1.0] * 4, img_break.tolist(), [1.0] * 4]
+    assert repair_image_embeddings(rows, img_break) == 0
+    rows[2, 3] = np.inf  # not the break row: refused, not patched
+    with pytest.raises(EngineError, match="non-finite embeddings in 1 of 3 image tokens"):
+        repair_image_embeddings(rows, img_break)
+    with pytest.raises(EngineError, match="non-finite"):
+        repair_image_embeddings(np.full((2, 4), np.nan, dtype=np.float32), None)
 
 
 # -- translation, pure -----------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from typing import Any
 from vlmlab.config import EngineSpec
 from vlmlab.engines.base import Capabilities, Engine, EngineInfo, GenerationRequest, PromptCount
 from vlmlab.engines.copies import CopyPlan, folder_weight_bytes, plan_copies
+from vlmlab.engines.llamacpp.projector import Projector, read_projector, repair_image_embeddings
 from vlmlab.engines.llamacpp.translate import (
     FEATURES,
     INSTALL_HINT,
@@ -112,7 +113,7 @@ class LlamaCppEngine(Engine):
     capabilities = Capabilities(streaming=True, batching=False, max_images=8, cancellation=True, exact_token_counts=True, features=FEATURES)
 
     def __init__(self, spec: EngineSpec, files: GGUFFiles, copies: list[_Copy], family: Family | None,
-                 threads: int, load_s: float, metadata: Mapping[str, str]) -> None:  # fmt: skip
+                 threads: int, load_s: float, metadata: Mapping[str, str], projector: Projector | None = None) -> None:  # fmt: skip
         import llama_cpp
         import llama_cpp.mtmd_cpp as mtmd
 
@@ -123,6 +124,9 @@ class LlamaCppEngine(Engine):
         first = copies[0].llama
         self.max_model_len = first.n_ctx()
         self.n_vocab = first.n_vocab()
+        # The width of the projector's output rows (mtmd.h: n_embd_inp floats per image token).
+        self.n_embd_inp = llama_cpp.llama_model_n_embd_inp(first.model)
+        self.projector = projector or Projector()
         self.max_images = (family.max_images if family else 8) if files.mmproj else 0
         self.capabilities = dataclasses.replace(type(self).capabilities, max_images=self.max_images, images=bool(files.mmproj))  # type: ignore[misc]
         self.marker = mtmd.mtmd_default_marker().decode("utf-8")
@@ -136,7 +140,7 @@ class LlamaCppEngine(Engine):
             self._free.put(copy)
         self._copies = copies
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(copies), thread_name_prefix="vlmlab-llamacpp")
-        self.counters = {"requests": 0, "cancelled": 0}
+        self.counters = {"requests": 0, "cancelled": 0, "repaired_images": 0}
         self.copies_reason = "as asked (--data-parallel-size)"
         self._closed = False
 
@@ -185,11 +189,11 @@ class LlamaCppEngine(Engine):
                 _free_copy(mtmd, copy)
             raise
         metadata = dict(copies[0].llama.metadata)
-        projector = _projector_type(files.mmproj)
-        family = family_of(metadata, projector, spec.extra.get("family"))
+        projector = read_projector(files.mmproj)
+        family = family_of(metadata, projector.projector_type, spec.extra.get("family"))
         if family is None:
             logger.warning("llamacpp: no vlmlab family for %s (pass --family): images are not resized by a family rule", files.model.name)
-        engine = cls(spec, files, copies, family, threads, time.perf_counter() - start, metadata)
+        engine = cls(spec, files, copies, family, threads, time.perf_counter() - start, metadata, projector)
         engine.copies_reason = plan.reason
         return engine
 
@@ -417,8 +421,8 @@ class LlamaCppEngine(Engine):
         }
 
     def _prefill(self, copy: _Copy, prompt: _Prompt) -> None:
-        """Evaluate the prompt's chunks: text tokens through ``Llama.eval``, images through mtmd
-        (which encodes them with the projector and decodes the embeddings)."""
+        """Evaluate the prompt's chunks: text tokens through ``Llama.eval``, images through
+        :meth:`_eval_image`."""
         lib, mtmd, llama = self._lib, self._mtmd, copy.llama
         llama.reset()
         # Drop the previous request's KV cells: Llama.eval trims them only when it runs, so a
@@ -435,11 +439,30 @@ class LlamaCppEngine(Engine):
                 if count.value:
                     llama.eval(pointer[: count.value])
                 continue
-            past = lib.llama_pos(0)
-            status = mtmd.mtmd_helper_eval_chunk_single(copy.mtmd_ctx, llama.ctx, chunk, llama.n_tokens, 0, llama.n_batch, False, ctypes.byref(past))
-            if status != 0:
-                raise EngineError(f"llama.cpp failed to encode an image (mtmd status {status})")
-            llama.n_tokens = past.value
+            llama.n_tokens = self._eval_image(copy, chunk)
+
+    def _eval_image(self, copy: _Copy, chunk: Any) -> int:
+        """``mtmd_helper_eval_chunk_single``'s image path (encode, then decode the embeddings at
+        the copy's next position), with the embeddings checked in between
+        (:func:`.projector.repair_image_embeddings`: llama.cpp's Pixtral graph can leave stale NaN
+        in its [IMG_BREAK] rows). Returns the position after the image."""
+        import numpy as np
+
+        lib, mtmd, llama = self._lib, self._mtmd, copy.llama
+        status = mtmd.mtmd_encode_chunk(copy.mtmd_ctx, chunk)
+        if status != 0:
+            raise EngineError(f"llama.cpp failed to encode an image (mtmd status {status})")
+        pointer = mtmd.mtmd_get_output_embd(copy.mtmd_ctx)
+        embeddings = np.ctypeslib.as_array(pointer, shape=(mtmd.mtmd_input_chunk_get_n_tokens(chunk), self.n_embd_inp))
+        if repair_image_embeddings(embeddings, self.projector.img_break):
+            self.counters["repaired_images"] += 1
+        past = lib.llama_pos(0)
+        no_callback = mtmd.mtmd_helper_post_decode_callback()  # a NULL function pointer
+        status = mtmd.mtmd_helper_decode_image_chunk(copy.mtmd_ctx, llama.ctx, chunk, pointer, llama.n_tokens, 0, llama.n_batch,
+                                                     ctypes.byref(past), no_callback, None)  # fmt: skip
+        if status != 0:
+            raise EngineError(f"llama.cpp failed to decode an image's embeddings (mtmd status {status})")
+        return past.value
 
     # -- info, close -----------------------------------------------------------------------------
 
@@ -541,17 +564,6 @@ def _quiet(llama_cpp: Any, mtmd: Any) -> None:
     _QUIET.append(callback)
     mtmd.mtmd_log_set(callback, None)
     mtmd.mtmd_helper_log_set(callback, None)
-
-
-def _projector_type(mmproj: Path | None) -> str | None:
-    if mmproj is None:
-        return None
-    try:
-        from gguf import GGUFReader
-    except ImportError:
-        return None
-    field = GGUFReader(str(mmproj)).fields.get("clip.projector_type")
-    return str(field.contents()) if field is not None else None
 
 
 def _template_source(value: Any) -> str | None:
