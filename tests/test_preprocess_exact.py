@@ -30,6 +30,7 @@ from vlmlab.preprocess import get_preprocessor, preprocess_bytes  # noqa: E402
 from vlmlab.preprocess.core import decode_bytes  # noqa: E402
 from vlmlab.preprocess.kernels import (  # noqa: E402
     Pixels,
+    channel_planes,
     cubic_resize_planes,
     resize,
     rgbx_view,
@@ -252,6 +253,32 @@ def test_decoded_pixels_are_viewed_not_copied() -> None:
             four, three = resize(four, size, mode, "torch"), resize(three, size, mode, "torch")
             assert four.to_tensor().shape[1] == 4
             np.testing.assert_array_equal(four.hwc(), three.hwc())
+
+
+def test_channels_last_results_are_the_same_pixels() -> None:
+    """resize(channels_last=True) (Idefics3's chain) leaves torch's result interleaved, also
+    through a second resize, and changes no pixel; channel_planes copies the RGB planes out of
+    RGBX words, of RGB or RGBX bytes, or views pixels that already are planar."""
+    data = _encode(_image(1203, 907, 3), "jpeg")
+    image, _ = decode_bytes(data)
+    assert rgbx_view(image) is not None  # the RGBX storage, as from_bytes sees it
+    for mode in ("bicubic", "lanczos", "bilinear"):
+        planar, kept = Pixels(pil=image), Pixels(pil=image)
+        for size in ((1456, 1092), (701, 523), (364, 364)):
+            planar = resize(planar, size, mode, "torch")
+            kept = resize(kept, size, mode, "torch", channels_last=True)
+            assert kept.tensor.shape[1] == 4
+            assert kept.tensor.is_contiguous(memory_format=torch.channels_last)
+            expected = planar.hwc()
+            np.testing.assert_array_equal(kept.hwc(), expected)
+            planes = kept.planes()
+            assert planes.strides[1] == 1
+            np.testing.assert_array_equal(planes, expected)
+            assert planar.planes().strides[1] == 1  # torch's planes: viewed, not copied
+            np.testing.assert_array_equal(planar.planes(), expected)
+    rgb = np.asarray(image)
+    for pixels in (rgb, rgbx_view(image), rgb.transpose(1, 0, 2)):
+        np.testing.assert_array_equal(channel_planes(pixels), pixels[:, :, :3])
 
 
 def test_numpy_bicubic_matches_torch_interpolate() -> None:

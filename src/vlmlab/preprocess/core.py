@@ -113,16 +113,28 @@ class Context:
         finally:
             self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - start
 
-    def resize(self, pixels: Pixels, size: tuple[int, int], filter: Filter) -> Pixels:
-        """``pixels`` resampled to ``size`` (width, height) the way this mode/backend does it."""
+    def resize(
+        self,
+        pixels: Pixels,
+        size: tuple[int, int],
+        filter: Filter,
+        *,
+        channels_last: bool = False,
+    ) -> Pixels:
+        """``pixels`` resampled to ``size`` (width, height) the way this mode/backend does it;
+        ``channels_last`` as :func:`vlmlab.preprocess.kernels.resize` (same pixels)."""
         with self.stage("resize"):
             # Without torch, fast mode falls back to PIL's two-step reduction (reducing_gap).
             gap = 2.0 if self.mode == "fast" and self.engine == "pil" else None
-            return resize(pixels, size, filter, self.engine, reducing_gap=gap)
+            return resize(
+                pixels, size, filter, self.engine, reducing_gap=gap, channels_last=channels_last
+            )
 
-    def hwc(self, pixels: Pixels) -> np.ndarray:
+    def hwc(self, pixels: Pixels, *, planes: bool = False) -> np.ndarray:
+        """An (H, W, 3) uint8 view of ``pixels``; ``planes``: backed by channel planes
+        (:meth:`Pixels.planes`, a copy when interleaved)."""
         with self.stage("resize"):
-            return pixels.hwc()
+            return pixels.planes() if planes else pixels.hwc()
 
 
 def _engine_for(mode: Mode, backend: str) -> Engine:

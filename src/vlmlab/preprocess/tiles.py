@@ -116,21 +116,25 @@ def _idefics_run(
 ) -> dict[str, np.ndarray]:
     tile = IDEFICS_TILE
     first = idefics3_family.upscaled_size(*size)
-    image = ctx.resize(pixels, first, "lanczos")
+    # Channels-last resizes (torch engine; same pixels): the 1456 px image is resized again
+    # (the global view, the encoder-size step), so torch neither unpacks it into planes nor
+    # packs it back, and the tiles are cut from its planes copied out once (channel_planes).
+    image = ctx.resize(pixels, first, "lanczos", channels_last=True)
     if options["do_image_splitting"]:
         second = encoder_size(*first)
-        image = ctx.resize(image, second, "lanczos")
+        image = ctx.resize(image, second, "lanczos", channels_last=True)
         if second[0] > tile or second[1] > tile:
-            views = grid_tiles(ctx.hwc(image), tile, tile)
-            views.append(ctx.hwc(ctx.resize(image, (tile, tile), "lanczos")))
+            views = grid_tiles(ctx.hwc(image, planes=True), tile, tile)
+            views.append(ctx.hwc(ctx.resize(image, (tile, tile), "lanczos", channels_last=True)))
         else:  # pragma: no cover - the 1456 px long side always splits; kept as the reference
             views = [ctx.hwc(image)]
     else:
-        views = [ctx.hwc(ctx.resize(image, (tile, tile), "lanczos"))]
+        views = [ctx.hwc(ctx.resize(image, (tile, tile), "lanczos", channels_last=True))]
     height = max(v.shape[0] for v in views)
     width = max(v.shape[1] for v in views)
+    uniform = all(v.shape[:2] == (height, width) for v in views)
     with ctx.stage("normalize"):
-        if all(v.shape[:2] == (height, width) for v in views):
+        if uniform:
             values = normalize_tiles(views, IDEFICS_NORM, (height, width))[None]
         else:  # pragma: no cover - only the unsplit sub-tile case above; padded with zeros
             values = output_array((1, len(views), 3, height, width), zeros=True)
@@ -139,9 +143,13 @@ def _idefics_run(
                     [view], IDEFICS_NORM, view.shape[:2]
                 )[0]
     with ctx.stage("to_tensor"):
-        mask = output_array((1, len(views), height, width), np.int64, zeros=True)
-        for index, view in enumerate(views):
-            mask[0, index, : view.shape[0], : view.shape[1]] = 1
+        if uniform:  # all ones: one fill, no zero-fill first
+            mask = output_array((1, len(views), height, width), np.int64)
+            mask.fill(1)
+        else:  # pragma: no cover - as above
+            mask = output_array((1, len(views), height, width), np.int64, zeros=True)
+            for index, view in enumerate(views):
+                mask[0, index, : view.shape[0], : view.shape[1]] = 1
     return {"pixel_values": values, "pixel_attention_mask": mask}
 
 
