@@ -443,7 +443,7 @@ class HFEngine(Engine):
         if replica is not None:
             rid = replica.register(job)
             # Pickling a job's tensors (tens of MB for a large image's pixels) stays off the loop.
-            sending = loop.run_in_executor(None, replica.send, rid, job)
+            sending = loop.run_in_executor(replica.sender, replica.send, rid, job)
             try:
                 await asyncio.shield(sending)
             except asyncio.CancelledError:

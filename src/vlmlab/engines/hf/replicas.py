@@ -185,6 +185,10 @@ class Replica:
         self.problem = "starting"
         self._ids = itertools.count()
         self._send_lock = threading.Lock()
+        # Jobs are pickled and written on a thread of this replica's own: in the event loop's
+        # default pool they waited behind the other requests' preprocessing (13-19 ms p50 of
+        # hop at 16 concurrent on nano, most of it that wait).
+        self.sender = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vlmlab-replica-{index}-send")
 
     @property
     def load(self) -> int:
@@ -268,6 +272,7 @@ class Replica:
                 job.emit(("error", EngineError(f"data-parallel replica {self.index} died")))
 
     def close(self) -> None:
+        self.sender.shutdown(wait=False, cancel_futures=True)
         if not self.alive:  # still loading, or failed: nothing to finish there
             self.process.terminate()
         self.alive = False
