@@ -386,3 +386,33 @@ def test_extreme_sampling_parameters_still_answer(engine, temperature) -> None:
     result = run(complete(engine, GenerationRequest(Chat.single("What colour?", [image(60, 60)]), sampling)))
     greedy = run(complete(engine, GenerationRequest(Chat.single("What colour?", [image(60, 60)]), SamplingParams(max_tokens=3, temperature=0))))
     assert result.text == greedy.text
+
+
+def test_decode_steps_skip_the_wrapper_only_where_the_logits_are_the_same(engine) -> None:
+    """Decode steps run the text decoder and the LM head directly once a first step has shown
+    the wrapper's logits are the same; a decoder that would change them keeps the wrapper."""
+    import copy
+
+    import torch
+    from transformers import DynamicCache
+
+    from vlmlab.engines.hf.continuous import ContinuousDecoder
+
+    run(complete(engine, GenerationRequest(Chat.single("What colour is the shape?", [image(64, 64)]), GREEDY)))
+    decoder = engine.batcher.decoder
+    assert decoder._direct is not None and decoder._direct[0] is engine.model.get_decoder()
+    # A decoder whose last norm differs: its logits would differ, so the check refuses it.
+    changed = copy.deepcopy(engine.model.get_decoder())
+    with torch.no_grad():
+        changed.norm.weight.mul_(1.5)
+    probe = ContinuousDecoder(engine.model, engine.pad_id, engine.eos_ids, engine.decode_ids, "cpu", on_step=lambda: None)
+    prompt = {"input_ids": torch.tensor([[1, 5, 9, 11]]), "use_cache": True}
+    probe.cache = DynamicCache()
+    with torch.inference_mode():  # a 4-token prompt in the cache the step continues
+        engine.model(**prompt, **{probe.cache_arg: probe.cache})
+    step = {"input_ids": torch.tensor([[7]]), "position_ids": torch.tensor([[4]]), "cache_position": torch.tensor([4]), "use_cache": True}
+    assert probe._check_direct(step) is not None
+    probe.model = copy.copy(engine.model)
+    probe.model.get_decoder = lambda: changed
+    assert probe._check_direct(step) is None
+    probe.close()

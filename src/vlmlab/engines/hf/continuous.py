@@ -15,6 +15,7 @@ Qwen2-VL's 3-D M-RoPE keeps the ``generate`` path.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import time
@@ -117,6 +118,11 @@ class ContinuousDecoder:
         self.aborted = 0
         self.max_len = 1 << 30
         self.pieces: Any = None  # logits.TokenPieces, for logprobs (set by the engine)
+        # Decode steps straight through the text decoder and the LM head, past the multimodal
+        # wrapper's forward (a tenth of a nano step on a CPU: its embedding merge checks and output
+        # objects). None until the first step has checked that it gives the wrapper's logits.
+        self._direct: tuple[Any, Any, str] | None = None
+        self._direct_checked = False
 
     @property
     def active(self) -> int:
@@ -244,25 +250,60 @@ class ContinuousDecoder:
         # One query per row: its SDPA mask is the padding mask itself. Handing it over as 4-D
         # skips transformers' per-step mask construction (about a sixth of a batch-16 step).
         step_mask = mask[:, None, None, :].bool() if self.sdpa else mask
+        inputs = {
+            "input_ids": self.last[:, None],  # type: ignore[index]
+            "attention_mask": step_mask,
+            "position_ids": self.positions[:, None],  # type: ignore[index]
+            "cache_position": torch.arange(past, past + 1, device=mask.device),
+            "use_cache": True,
+        }
+        if not self._direct_checked:
+            self._direct = self._check_direct(inputs)
+            self._direct_checked = True
         with torch.inference_mode():
-            out = self.model(
-                input_ids=self.last[:, None],  # type: ignore[index]
-                attention_mask=step_mask,
-                position_ids=self.positions[:, None],  # type: ignore[index]
-                **{self.cache_arg: self.cache},
-                cache_position=torch.arange(past, past + 1, device=mask.device),
-                use_cache=True,
-            )
+            if self._direct is not None:
+                decoder, head, cache_arg = self._direct
+                hidden = decoder(**inputs, **{cache_arg: self.cache}).last_hidden_state
+                logits = head(hidden[:, -1, :])
+            else:
+                logits = self.model(**inputs, **{self.cache_arg: self.cache}).logits[:, -1, :]
         self.mask = mask
         self.positions = self.positions + 1  # type: ignore[operator]
         tracker = RowTracker(self.jobs, self.decode, self.eos_ids, pieces=self.pieces)
-        self.last = self._sample(self.jobs, out.logits[:, -1, :], tracker)
+        self.last = self._sample(self.jobs, logits, tracker)
         self.aborted += tracker.aborted
         for job in self.jobs:  # context exhausted: the job ends where generate would stop
             if job.finish_reason is None and job.prompt_tokens + len(job.token_ids) >= self.max_len:
                 job.finish_reason = "length"
         self.on_step()
         self._drop_finished()
+
+    def _check_direct(self, inputs: dict[str, Any]) -> tuple[Any, Any, str] | None:
+        """``(decoder, head, cache argument)`` when one step through the model's text decoder
+        and LM head gives exactly the wrapper's logits (checked on copies of the running cache,
+        once); None otherwise (a wrapper that scales, caps or otherwise changes the logits, or a
+        model without ``get_decoder`` / ``get_output_embeddings``), and steps go through the
+        wrapper."""
+        try:
+            decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
+        except (AttributeError, NotImplementedError):
+            return None
+        if decoder is None or decoder is self.model or not isinstance(head, torch.nn.Linear):
+            return None
+        parameters = inspect.signature(decoder.forward).parameters
+        cache_arg = "cache" if "cache" in parameters else "past_key_values"
+        try:
+            with torch.inference_mode():
+                expected = self.model(**inputs, **{self.cache_arg: copy.deepcopy(self.cache)}).logits[:, -1, :]
+                hidden = decoder(**inputs, **{cache_arg: copy.deepcopy(self.cache)}).last_hidden_state
+                got = head(hidden[:, -1, :])
+        except Exception as exc:  # noqa: BLE001 - the wrapper's path stays; nothing is lost
+            logger.debug("decode steps go through the model's wrapper: the text decoder alone failed (%s)", exc)
+            return None
+        if not torch.equal(expected, got):
+            logger.debug("decode steps go through the model's wrapper: the text decoder's logits differ")
+            return None
+        return decoder, head, cache_arg
 
     def _drop_finished(self) -> None:
         done = [i for i, job in enumerate(self.jobs) if job.finish_reason is not None]
